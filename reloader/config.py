@@ -1,0 +1,369 @@
+"""Read and validate an app's TOML config into a frozen, typed :class:`AppConfig`.
+
+Everything downstream (templates, the reload engine, the CLI) receives an ``AppConfig`` and never a raw
+dict, so every check lives here. Values end up inside systemd unit files, an nginx config and a Python
+gunicorn config: a value that could inject text into any of them is refused with a one-line error naming
+the file, the key and the fix, rather than escaped in a way a reader could misjudge.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Where ``reloader install`` puts an app's config; the units' ``ExecReload=`` points here.
+CONFIG_DIR = Path("/etc/reloader")
+
+STRATEGIES = ("generation", "hup")
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased as the one line the user sees."""
+
+
+# --- value patterns --------------------------------------------------------------------------------
+# Allow-lists, not deny-lists: each names exactly the characters that are inert in every file the
+# value is written to. "%" is allowed in paths because the templates escape it as "%%" for systemd.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_PATH = re.compile(r"/[A-Za-z0-9._/@+,:=%~-]*")
+_WSGI = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\(\))?")
+_WORKER_CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_URL_PATH = re.compile(r"/[A-Za-z0-9._~/%-]*(\?[A-Za-z0-9._~/%=&-]*)?")
+_LOCATION = re.compile(r"/[A-Za-z0-9._~/-]*")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SERVER_NAME = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?(\.\*)?|_")
+_LISTEN = re.compile(r"(\d{1,5}|(\d{1,3}\.){3}\d{1,3}:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5})")
+_SIZE = re.compile(r"\d{1,9}[kKmMgG]?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class NginxConfig:
+    """The app's nginx site: a server block proxying to the gunicorn socket."""
+
+    server_name: tuple[str, ...] = ("_",)
+    listen: tuple[str, ...] = ("80",)
+    client_max_body_size: str = "10m"
+    #: URL prefix → directory served by nginx directly (``location PREFIX { alias DIR; }``).
+    static: tuple[tuple[str, str], ...] = ()
+    proxy_read_timeout: int = 60
+    #: The user nginx's workers run as; the gunicorn socket is made accessible to its group.
+    user: str = "www-data"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One app: its Gunicorn service, socket, nginx site and reload policy."""
+
+    name: str
+    working_directory: str
+    wsgi: str
+    source: str = "<config>"
+    user: str = ""
+    group: str = ""
+    virtualenv: str = ""
+    gunicorn: str = ""
+    workers: int = 2
+    worker_class: str = "sync"
+    threads: int = 1
+    timeout: int = 30
+    graceful_timeout: int = 30
+    preload_app: bool = False
+    socket: str = ""
+    socket_activation: bool = True
+    health_path: str = "/"
+    environment: tuple[tuple[str, str], ...] = ()
+    environment_file: str = ""
+    strategy: str = "generation"
+    preflight_timeout: int = 60
+    ready_timeout: int = 120
+    bake_seconds: float = 2.0
+    helper: str = "/usr/bin/reloader"
+    nginx: NginxConfig = field(default_factory=NginxConfig)
+
+    # Derived names: one place decides where each runtime file lives.
+    @property
+    def service(self) -> str:
+        return f"{self.name}.service"
+
+    @property
+    def socket_unit(self) -> str:
+        return f"{self.name}.socket"
+
+    @property
+    def runtime_dir(self) -> str:
+        return f"/run/{self.name}"
+
+    @property
+    def pidfile(self) -> str:
+        return f"{self.runtime_dir}/gunicorn.pid"
+
+    @property
+    def ready_dir(self) -> str:
+        """Where the gunicorn hooks record which workers have loaded the app (one dir per master)."""
+        return f"{self.runtime_dir}/ready"
+
+    @property
+    def config_path(self) -> str:
+        return str(CONFIG_DIR / f"{self.name}.toml")
+
+    @property
+    def gunicorn_config_path(self) -> str:
+        return str(CONFIG_DIR / f"{self.name}.gunicorn.conf.py")
+
+    @property
+    def python(self) -> str:
+        """The interpreter that runs the app (and the pre-flight)."""
+        if self.virtualenv:
+            return f"{self.virtualenv}/bin/python3"
+        return str(Path(self.gunicorn).parent / "python3")
+
+    @property
+    def gunicorn_bin(self) -> str:
+        return self.gunicorn or f"{self.virtualenv}/bin/gunicorn"
+
+
+# --- the schema ------------------------------------------------------------------------------------
+_APP_KEYS = {
+    "name", "user", "group", "working_directory", "virtualenv", "gunicorn", "wsgi", "health_path",
+    "environment", "environment_file",
+}
+_GUNICORN_KEYS = {
+    "workers", "worker_class", "threads", "timeout", "graceful_timeout", "preload_app", "socket",
+    "socket_activation",
+}
+_RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "helper"}
+_NGINX_KEYS = {"server_name", "listen", "client_max_body_size", "static", "proxy_read_timeout", "user"}
+_SECTIONS = {"app": _APP_KEYS, "gunicorn": _GUNICORN_KEYS, "reload": _RELOAD_KEYS, "nginx": _NGINX_KEYS}
+
+
+class _Reader:
+    """Pulls typed values out of one TOML table, phrasing every failure as ``file: [section] key: …``."""
+
+    def __init__(self, source: str, section: str, table: Any) -> None:
+        self.source, self.section = source, section
+        if not isinstance(table, dict):
+            self.fail(None, f"must be a table ([{section}]), not {type(table).__name__}")
+        self.table: dict[str, Any] = table
+        allowed = _SECTIONS[section]
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(allowed))}"
+                self.fail(key, f"unknown key{hint}")
+
+    def fail(self, key: str | None, message: str) -> None:
+        where = f"[{self.section}] {key}" if key else f"[{self.section}]"
+        raise ConfigError(f"{self.source}: {where}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def _typed(self, key: str, kinds: tuple[type, ...], what: str, default: Any) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        # bool is an int subclass: never let `workers = true` through as 1.
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            self.fail(key, f"must be {what}, not {_show(value)}")
+        return value
+
+    def string(self, key: str, default: str = "", *, pattern: re.Pattern[str] | None = None,
+               allowed: str = "") -> str:
+        value = self._typed(key, (str,), "a string", default)
+        if key in self.table:
+            if _CONTROL.search(value):
+                self.fail(key, "must not contain newlines or control characters")
+            if pattern is not None and not pattern.fullmatch(value):
+                self.fail(key, f"{value!r} is not valid: {allowed}")
+        return value
+
+    def path(self, key: str, default: str = "") -> str:
+        value = self.string(key, default)
+        if key in self.table:
+            self.check_path(key, value)
+        return value
+
+    def check_path(self, key: str, value: str) -> None:
+        if not value.startswith("/"):
+            self.fail(key, f"{value!r} must be an absolute path (start with '/')")
+        if not _PATH.fullmatch(value):
+            bad = sorted({c for c in value if not _PATH.fullmatch("/" + c)})
+            self.fail(key, f"{value!r} contains {''.join(bad)!r}; paths may only use letters, digits and "
+                      "'._/@+,:=%~-' (no spaces, quotes, '$', ';', '{' or '}')")
+        if any(part in (".", "..") for part in value.split("/")):
+            self.fail(key, f"{value!r} must be normalized (no '.' or '..' components)")
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._typed(key, (int,), "an integer", default)
+        if not low <= value <= high:
+            self.fail(key, f"{value} is out of range; allowed {low}..{high}")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self._typed(key, (int, float), "a number", default)
+        if not low <= value <= high:
+            self.fail(key, f"{value} is out of range; allowed {low}..{high}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._typed(key, (bool,), "true or false", default)
+
+    def strings(self, key: str, default: tuple[str, ...], pattern: re.Pattern[str], allowed: str) -> tuple[str, ...]:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+            self.fail(key, f"must be a string or a non-empty list of strings, not {_show(value)}")
+        for item in items:
+            if _CONTROL.search(item) or not pattern.fullmatch(item):
+                self.fail(key, f"{item!r} is not valid: {allowed}")
+        return tuple(items)
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self._typed(key, (dict,), "a table", {})
+        return dict(value)
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def load(path: str | Path) -> AppConfig:
+    """Read and validate the config file at *path*; raise :class:`ConfigError` with one clear line."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, source=str(path))
+
+
+def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
+    """Validate already-parsed TOML *data*. Separate from :func:`load` so tests can feed dicts."""
+    for section in data:
+        if section not in _SECTIONS:
+            close = difflib.get_close_matches(section, sorted(_SECTIONS), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else f"; known sections: {', '.join(sorted(_SECTIONS))}"
+            raise ConfigError(f"{source}: [{section}]: unknown section{hint}")
+    if "app" not in data:
+        raise ConfigError(f"{source}: [app]: missing section; it needs at least name, working_directory, "
+                          "wsgi and virtualenv (or gunicorn)")
+
+    app = _Reader(source, "app", data["app"])
+    for required in ("name", "working_directory", "wsgi"):
+        if not app.has(required):
+            app.fail(required, "is required")
+    name = app.string("name", pattern=_NAME,
+                      allowed="use 1-48 lowercase letters, digits, '-' or '_', starting with a letter or digit "
+                      "(it names the systemd unit, the user and /run/NAME)")
+    user = app.string("user", name, pattern=_USER, allowed="a POSIX user name like 'flaskapp'")
+    group = app.string("group", user, pattern=_USER, allowed="a POSIX group name like 'flaskapp'")
+    if user == "root" or group == "root":
+        app.fail("user" if user == "root" else "group",
+                 "the app must not run as root; give it a dedicated user (the default is the app name)")
+    working_directory = app.path("working_directory")
+    virtualenv = app.path("virtualenv")
+    gunicorn = app.path("gunicorn")
+    if bool(virtualenv) == bool(gunicorn):
+        app.fail("virtualenv", "set exactly one of virtualenv (the venv holding gunicorn) or gunicorn "
+                 "(the path of the gunicorn script)")
+    wsgi = app.string("wsgi", pattern=_WSGI, allowed="use 'module:callable' or 'package.module:create_app()'")
+    health_path = app.string("health_path", "/", pattern=_URL_PATH,
+                             allowed="an absolute URL path such as '/health' (no spaces or quotes)")
+    environment = _environment(app)
+    environment_file = app.path("environment_file")
+
+    gun = _Reader(source, "gunicorn", data.get("gunicorn", {}))
+    workers = gun.integer("workers", 2, 1, 512)
+    worker_class = gun.string("worker_class", "sync", pattern=_WORKER_CLASS,
+                              allowed="a gunicorn worker class like 'sync', 'gthread' or 'gevent'")
+    threads = gun.integer("threads", 1, 1, 1024)
+    timeout = gun.integer("timeout", 30, 1, 86400)
+    graceful_timeout = gun.integer("graceful_timeout", 30, 1, 86400)
+    preload_app = gun.boolean("preload_app", False)
+    socket_activation = gun.boolean("socket_activation", True)
+    if socket_activation:
+        socket = gun.path("socket", f"/run/{name}.sock")
+        if socket.startswith(f"/run/{name}/"):
+            gun.fail("socket", f"must not be inside /run/{name}/ with socket_activation: systemd empties that "
+                     f"directory when the service stops, deleting the listening socket; use /run/{name}.sock")
+    else:
+        # Without activation gunicorn binds the socket itself, as the app user: only its runtime directory
+        # is writable for it.
+        socket = gun.path("socket", f"/run/{name}/gunicorn.sock")
+        if not socket.startswith(f"/run/{name}/"):
+            gun.fail("socket", f"must be inside /run/{name}/ when socket_activation = false (gunicorn creates "
+                     "it as the app user there); or enable socket_activation")
+
+    rel = _Reader(source, "reload", data.get("reload", {}))
+    strategy = rel.string("strategy", "generation")
+    if strategy not in STRATEGIES:
+        rel.fail("strategy", f"{strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
+    preflight_timeout = rel.integer("preflight_timeout", 60, 1, 3600)
+    ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
+    bake_seconds = rel.number("bake_seconds", 2.0, 0, 3600)
+    helper = rel.path("helper", "/usr/bin/reloader")
+
+    nginx = _nginx(_Reader(source, "nginx", data.get("nginx", {})))
+
+    return AppConfig(
+        name=name, source=source, user=user, group=group, working_directory=working_directory,
+        virtualenv=virtualenv, gunicorn=gunicorn, wsgi=wsgi, workers=workers, worker_class=worker_class,
+        threads=threads, timeout=timeout, graceful_timeout=graceful_timeout, preload_app=preload_app,
+        socket=socket, socket_activation=socket_activation, health_path=health_path, environment=environment,
+        environment_file=environment_file, strategy=strategy, preflight_timeout=preflight_timeout,
+        ready_timeout=ready_timeout, bake_seconds=bake_seconds, helper=helper, nginx=nginx,
+    )
+
+
+def _environment(app: _Reader) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for key, value in app.mapping("environment").items():
+        where = f"environment.{key}"
+        if not _ENV_KEY.fullmatch(key):
+            app.fail(where, "variable names may only use letters, digits and '_', not starting with a digit")
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            app.fail(where, f"must be a string or number, not {_show(value)}")
+        text = str(value)
+        if _CONTROL.search(text):
+            app.fail(where, "must not contain newlines or control characters")
+        pairs.append((key, text))
+    return tuple(pairs)
+
+
+def _nginx(ngx: _Reader) -> NginxConfig:
+    server_name = ngx.strings("server_name", ("_",), _SERVER_NAME,
+                              "server names may only use letters, digits, '.', '-', '_' and a leading '*.'")
+    listen = ngx.strings("listen", ("80",), _LISTEN, "use a port ('80'), 'ADDRESS:PORT' or '[IPV6]:PORT'")
+    for item in listen:
+        port = int(item.rsplit(":", 1)[-1])
+        if not 1 <= port <= 65535:
+            ngx.fail("listen", f"{item!r}: port {port} is out of range 1..65535")
+    size = ngx.string("client_max_body_size", "10m", pattern=_SIZE, allowed="a size like '10m', '512k' or '0'")
+    static = []
+    for location, directory in ngx.mapping("static").items():
+        where = f"static.{location}"
+        if not _LOCATION.fullmatch(location) or "//" in location:
+            ngx.fail(where, "the location must be a URL prefix like '/static/' (letters, digits, '._~/-')")
+        if not isinstance(directory, str):
+            ngx.fail(where, f"must be a directory path string, not {_show(directory)}")
+        ngx.check_path(where, directory)
+        # nginx's alias pitfall: "location /static/ { alias /dir; }" serves /dirfile; keep slashes paired.
+        if location.endswith("/") != directory.endswith("/"):
+            directory = directory.rstrip("/") + "/" if location.endswith("/") else directory.rstrip("/")
+        static.append((location, directory))
+    proxy_read_timeout = ngx.integer("proxy_read_timeout", 60, 1, 86400)
+    user = ngx.string("user", "www-data", pattern=_USER, allowed="the user nginx's workers run as")
+    return NginxConfig(server_name=server_name, listen=listen, client_max_body_size=size,
+                       static=tuple(static), proxy_read_timeout=proxy_read_timeout, user=user)

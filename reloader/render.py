@@ -1,0 +1,120 @@
+"""Render an :class:`~reloader.config.AppConfig` into the files reloader installs. Pure: no I/O but reads.
+
+Each output is a :class:`RenderedFile` that knows its short name (the layout of ``reloader render -o DIR``
+and of ``units/``) and where ``reloader install`` puts it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from .config import AppConfig
+
+UNIT_DIR = "/etc/systemd/system"
+NGINX_SITE_DIR = "/etc/nginx/conf.d"
+NGINX_DROPIN = f"{UNIT_DIR}/nginx.service.d/reloader.conf"
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    name: str  #: relative path under ``render -o DIR`` and ``units/``
+    install_path: str  #: absolute path on the target system
+    content: str
+    mode: int = 0o644
+
+
+def templates_dir() -> Path:
+    """Find the templates: next to the checkout, installed as package data, or in /usr/share."""
+    candidates = [
+        os.environ.get("RELOADER_TEMPLATES", ""),
+        str(Path(__file__).resolve().parent.parent / "templates"),
+        str(Path(__file__).resolve().parent / "templates"),
+        "/usr/share/reloader/templates",
+    ]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "service.j2").is_file():
+            return Path(candidate)
+    raise FileNotFoundError("reloader's templates are missing (looked in: "
+                            + ", ".join(c for c in candidates if c) + "); reinstall reloader")
+
+
+# --- filters: the only escaping the templates do ------------------------------------------------------
+def _sd(value: str) -> str:
+    """Escape systemd specifiers: a literal '%' is '%%' in unit files."""
+    return str(value).replace("%", "%%")
+
+
+def _sd_quote(value: str) -> str:
+    """Quote one word for systemd (e.g. ``Environment="K=v w"``): escape '\\', '"' and specifiers."""
+    return '"' + _sd(str(value)).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _pyrepr(value: object) -> str:
+    return repr(value)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters.update(sd=_sd, sd_quote=_sd_quote, pyrepr=_pyrepr, basename=os.path.basename)
+    return env
+
+
+def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]:
+    """All files of *app*, in install order (config before the units that read it).
+
+    *notify_reload* selects ``Type=notify-reload`` (systemd ≥ 253); on older systemd it is ``notify``.
+    """
+    env = _environment()
+
+    def get(template: str, **extra: object) -> str:
+        text = env.get_template(template).render(app=app, **extra)
+        return re.sub(r"\n{3,}", "\n\n", text)
+
+    files = [
+        RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path, get("gunicorn.conf.py.j2")),
+        RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}",
+                     get("service.j2", service_type="notify-reload" if notify_reload else "notify")),
+    ]
+    if app.socket_activation:
+        files.append(RenderedFile(f"{app.name}.socket", f"{UNIT_DIR}/{app.socket_unit}", get("socket.j2")))
+    files.append(RenderedFile(f"{app.name}.nginx.conf", f"{NGINX_SITE_DIR}/{app.name}.conf", get("nginx-site.j2")))
+    files.append(RenderedFile("nginx.service.d/reloader.conf", NGINX_DROPIN,
+                              env.get_template("nginx-dropin.j2").render(helper=app.helper)))
+    return files
+
+
+def write_tree(files: list[RenderedFile], out: Path) -> list[Path]:
+    """Write *files* under *out* all or nothing: into a temp dir first, then each renamed into place.
+
+    A failure while writing leaves *out* as it was; the renames happen only after every file is written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".reloader-render-", dir=out))
+    written = []
+    try:
+        for f in files:
+            path = staging / f.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f.content, encoding="utf-8")
+            path.chmod(f.mode)
+        for f in files:
+            target = out / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / f.name, target)
+            written.append(target)
+    finally:
+        for leftover in sorted(staging.rglob("*"), reverse=True):
+            leftover.rmdir() if leftover.is_dir() else leftover.unlink()
+        staging.rmdir()
+    return written
