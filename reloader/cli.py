@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="CONFIG")
     p.set_defaults(func=cmd_check)
 
+    from .commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

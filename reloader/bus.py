@@ -1,0 +1,220 @@
+"""Everything reloader asks of systemd, over D-Bus with pystemd. The only module that imports pystemd.
+
+pystemd (0.11 in Debian 12) has no job-wait helper, so :meth:`Systemd.run_job` subscribes to
+``JobRemoved`` *before* issuing the call and then drives the bus with ``process()``/``wait()``; a
+``select()`` on the fd could miss a signal that arrived while the method call was in flight. A job that
+finished "done" does not prove the unit is fine: callers re-read the unit's properties afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import Failed
+
+#: Long enough for a daemon-reload on a busy host (pystemd's sd-bus default is 25 s).
+DEFAULT_BUS_TIMEOUT = 120
+
+
+def _s(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class UnitState:
+    name: str
+    load_state: str
+    active_state: str
+    sub_state: str
+    unit_file_state: str = ""
+    main_pid: int = 0
+    status_text: str = ""
+    result: str = ""
+    reload_result: str = ""
+    exec_main_start_us: int = 0
+    active_enter_us: int = 0
+    fragment_path: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.active_state == "active" and self.sub_state in ("running", "listening")
+
+
+class Systemd:
+    """One shared bus connection to the system manager (pass it to every Manager/Unit)."""
+
+    def __init__(self, timeout: float = DEFAULT_BUS_TIMEOUT) -> None:
+        # sd-bus reads its method-call timeout from the environment when the bus is created.
+        os.environ.setdefault("SYSTEMD_BUS_TIMEOUT", f"{int(timeout)}s")
+        try:
+            from pystemd.dbuslib import DBus
+            from pystemd.systemd1 import Manager
+        except ImportError as e:
+            raise Failed(f"pystemd is not installed ({e}); install python3-pystemd") from None
+        self._bus = DBus()
+        try:
+            self._bus.open()
+        except Exception as e:
+            raise Failed(f"cannot connect to the systemd system bus ({_why(e)}); is systemd PID 1 and "
+                         "dbus running?") from None
+        self.manager = Manager(bus=self._bus)
+        self.manager.load()
+
+    def close(self) -> None:
+        self._bus.close()
+
+    def __enter__(self) -> Systemd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading ------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """systemd's major version, e.g. 252 (the Version property reads like '252.39-1~deb12u1')."""
+        text = _s(self.manager.Manager.Version)
+        digits = ""
+        for ch in text:
+            if not ch.isdigit():
+                break
+            digits += ch
+        return int(digits or 0)
+
+    def unit(self, name: str) -> Any:
+        from pystemd.systemd1 import Unit
+
+        unit = Unit(name.encode(), bus=self._bus)
+        unit.load()
+        return unit
+
+    def state(self, name: str) -> UnitState:
+        """A snapshot of *name*'s properties; a unit that does not exist has load_state 'not-found'."""
+        unit = self.unit(name)
+        u = unit.Unit
+        service = name.endswith(".service")
+        return UnitState(
+            name=name,
+            load_state=_s(u.LoadState),
+            active_state=_s(u.ActiveState),
+            sub_state=_s(u.SubState),
+            unit_file_state=_s(u.UnitFileState),
+            main_pid=int(unit.Service.MainPID) if service else 0,
+            status_text=_s(unit.Service.StatusText) if service else "",
+            result=_s(unit.Service.Result) if service else "",
+            reload_result=_reload_result(unit) if service else "",
+            exec_main_start_us=int(unit.Service.ExecMainStartTimestamp) if service else 0,
+            active_enter_us=int(u.ActiveEnterTimestamp),
+            fragment_path=_s(u.FragmentPath),
+        )
+
+    def main_pid(self, name: str) -> int:
+        return int(self.unit(name).Service.MainPID)
+
+    # --- jobs -------------------------------------------------------------------------------------------
+    def run_job(self, start: Callable[[], Any], *, timeout: float, what: str,
+                progress: Callable[[float], None] | None = None) -> str:
+        """Call *start* (which enqueues a job and returns its object path) and wait for its JobRemoved.
+
+        Returns the job's result ('done', 'failed', 'timeout', 'canceled', 'dependency', 'skipped').
+        """
+        results: dict[bytes, str] = {}
+
+        def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            msg.process_reply(True)
+            _id, path, _unit, result = msg.body
+            results[path if isinstance(path, bytes) else str(path).encode()] = _s(result)
+
+        self._bus.match_signal(b"org.freedesktop.systemd1", b"/org/freedesktop/systemd1",
+                               b"org.freedesktop.systemd1.Manager", b"JobRemoved", on_job_removed)
+        try:
+            self.manager.Manager.Subscribe()
+        except Exception as e:
+            if "AlreadySubscribed" not in str(e):
+                raise
+        try:
+            job = start()
+        except Exception as e:
+            raise Failed(f"{what}: {_why(e)}") from None
+        job = job if isinstance(job, bytes) else str(job).encode()
+        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        while job not in results:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Failed(f"{what}: no result after {timeout:.0f} s (job {_s(job)} still running)")
+            self._bus.process()
+            if job in results:
+                break
+            self._bus.wait(int(min(left, 0.2) * 1_000_000))
+            if progress:
+                progress(time.monotonic() - began)
+        return results[job]
+
+    def reload_unit(self, name: str, *, timeout: float, progress: Callable[[float], None] | None = None) -> str:
+        return self.run_job(lambda: self.manager.Manager.ReloadUnit(name.encode(), b"replace"),
+                            timeout=timeout, what=f"reload {name}", progress=progress)
+
+    def start_unit(self, name: str, *, timeout: float) -> str:
+        return self.run_job(lambda: self.manager.Manager.StartUnit(name.encode(), b"replace"),
+                            timeout=timeout, what=f"start {name}")
+
+    def stop_unit(self, name: str, *, timeout: float) -> str:
+        return self.run_job(lambda: self.manager.Manager.StopUnit(name.encode(), b"replace"),
+                            timeout=timeout, what=f"stop {name}")
+
+    def restart_unit(self, name: str, *, timeout: float) -> str:
+        return self.run_job(lambda: self.manager.Manager.RestartUnit(name.encode(), b"replace"),
+                            timeout=timeout, what=f"restart {name}")
+
+    def daemon_reload(self) -> None:
+        """Reload unit files. The call returns when systemd has finished reloading."""
+        try:
+            self.manager.Manager.Reload()
+        except Exception as e:
+            raise Failed(f"daemon-reload: {_why(e)}") from None
+
+    def enable(self, names: list[str]) -> None:
+        try:
+            self.manager.Manager.EnableUnitFiles([n.encode() for n in names], False, True)
+        except Exception as e:
+            raise Failed(f"enable {' '.join(names)}: {_why(e)}") from None
+
+    def disable(self, names: list[str]) -> None:
+        try:
+            self.manager.Manager.DisableUnitFiles([n.encode() for n in names], False)
+        except Exception as e:
+            raise Failed(f"disable {' '.join(names)}: {_why(e)}") from None
+
+
+def _reload_result(unit: Any) -> str:
+    try:
+        return _s(unit.Service.ReloadResult)
+    except AttributeError:  # systemd < 250 has no ReloadResult
+        return ""
+
+
+def _why(e: Exception) -> str:
+    text = str(e)
+    if "AccessDenied" in text or "Access denied" in text or "InteractiveAuthorizationRequired" in text:
+        return ("permission denied: managing system units needs root (run with sudo) or a polkit rule "
+                "granting org.freedesktop.systemd1.manage-units")
+    if "NoSuchUnit" in text:
+        return "no such unit"
+    if "masked" in text.lower():
+        return "the unit is masked (systemctl unmask it first)"
+    return text.strip() or type(e).__name__
+
+
+@contextmanager
+def connect(timeout: float = DEFAULT_BUS_TIMEOUT) -> Iterator[Systemd]:
+    sd = Systemd(timeout)
+    try:
+        yield sd
+    finally:
+        sd.close()

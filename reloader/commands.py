@@ -1,0 +1,366 @@
+"""The operator and hook commands: exec-reload, nginx-reload, install, deploy, status, uninstall.
+
+All systemd interaction goes through :mod:`reloader.bus` (D-Bus); nothing here runs ``systemctl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .config import CONFIG_DIR, AppConfig, ConfigError, load
+from .errors import Failed
+from .render import NGINX_DROPIN, RenderedFile, render
+
+STATE_DIR = Path("/var/lib/reloader")
+
+
+# --- hooks (run by systemd) -----------------------------------------------------------------------------
+def cmd_exec_reload(args: argparse.Namespace) -> int:
+    """``ExecReload=`` of an app's service: swap generations (see reloader.swap)."""
+    from .swap import Notifier, Swap
+
+    app = load(args.config)
+    notifier = Notifier(app.name)
+    bus = None
+
+    def main_pid_from_bus() -> int:
+        nonlocal bus
+        from .bus import Systemd
+
+        if bus is None:
+            bus = Systemd(timeout=30)
+        return bus.main_pid(app.service)
+
+    try:
+        main_pid = int(os.environ.get("MAINPID") or 0) or main_pid_from_bus()
+    except ValueError:
+        main_pid = main_pid_from_bus()
+    try:
+        return Swap(app, main_pid, notifier, main_pid_from_bus).run()
+    finally:
+        if bus is not None:
+            bus.close()
+
+
+def cmd_nginx_reload(args: argparse.Namespace) -> int:
+    from . import nginx
+
+    return nginx.exec_reload()
+
+
+# --- install / uninstall ------------------------------------------------------------------------------
+def _manifest_path(name: str) -> Path:
+    return STATE_DIR / f"{name}.json"
+
+
+def _read_manifest(name: str) -> dict:
+    try:
+        return json.loads(_manifest_path(name).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise Failed(f"{_manifest_path(name)}: unreadable manifest ({e})") from None
+
+
+def _write_atomic(path: Path, content: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.chown(tmp, 0, 0)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _planned_files(app: AppConfig, config_text: str, notify_reload: bool) -> list[RenderedFile]:
+    files = [RenderedFile(f"{app.name}.toml", app.config_path, config_text)]
+    return files + render(app, notify_reload=notify_reload)
+
+
+def _diff(path: str, new: str) -> list[str]:
+    try:
+        old = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        old = None
+    if old == new:
+        return []
+    if old is None:
+        return [f"+ new file {path}"]
+    return list(difflib.unified_diff(old.splitlines(), new.splitlines(), f"{path} (installed)", f"{path} (new)",
+                                     lineterm=""))
+
+
+def _ensure_user(app: AppConfig) -> bool:
+    try:
+        pwd.getpwnam(app.user)
+        return False
+    except KeyError:
+        pass
+    cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+           "--shell", "/usr/sbin/nologin", "--user-group" if app.group == app.user else f"--gid={app.group}",
+           app.user]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise Failed(f"cannot create user {app.user!r}: {r.stderr.strip()}")
+    return True
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from .bus import Systemd
+
+    app = load(args.config)
+    config_text = Path(args.config).read_text(encoding="utf-8")
+    if os.geteuid() != 0 and not args.dry_run:
+        raise Failed("install writes /etc and manages system units: run it as root (sudo)")
+    with Systemd() as sd:
+        notify_reload = sd.version >= 253 and args.notify_reload
+        files = _planned_files(app, config_text, notify_reload)
+        changes = {f.install_path: _diff(f.install_path, f.content) for f in files}
+        changed = [p for p, d in changes.items() if d]
+        service = sd.state(app.service)
+        if args.dry_run:
+            for path in changed:
+                print("\n".join(changes[path]))
+            print(f"{app.name}: {len(changed)} file(s) would change" if changed else f"{app.name}: no changes")
+            return 0
+        if not changed and service.running:
+            print(f"{app.name}: already installed and running; nothing changed")
+            return 0
+        for path in changed:
+            print("\n".join(changes[path]))
+        _ensure_user(app)
+        for f in files:
+            if f.install_path in changed:
+                _write_atomic(Path(f.install_path), f.content, f.mode)
+        manifest = {"name": app.name, "config": app.config_path, "installed": time.time(),
+                    "files": {f.install_path: hashlib.sha256(f.content.encode()).hexdigest() for f in files},
+                    "units": [app.service] + ([app.socket_unit] if app.socket_activation else [])}
+        _write_atomic(_manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
+        sd.daemon_reload()
+        units = manifest["units"]
+        sd.enable(units)
+        timeout = app.ready_timeout + app.preflight_timeout + 60
+        if app.socket_activation:
+            _job_ok(sd, app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
+        if service.running:
+            print(f"{app.name}: reloading the running service")
+            _job_ok(sd, app.service, sd.reload_unit(app.service, timeout=timeout), "reload")
+        else:
+            _job_ok(sd, app.service, sd.start_unit(app.service, timeout=timeout), "start")
+        nginx = sd.state("nginx.service")
+        if nginx.load_state == "loaded":
+            if nginx.running:
+                _job_ok(sd, "nginx.service", sd.reload_unit("nginx.service", timeout=120), "reload")
+            else:
+                _job_ok(sd, "nginx.service", sd.start_unit("nginx.service", timeout=120), "start")
+        for unit in units:
+            st = sd.state(unit)
+            if st.active_state != "active":
+                raise Failed(f"{unit} is {st.active_state}/{st.sub_state} after install; "
+                             f"see journalctl -u {unit}")
+    if nginx.load_state == "loaded":
+        status = _http_status(app)
+        if status != 200:
+            raise Failed(f"{app.name}: installed, but {app.health_path} through nginx answered {status}")
+        print(f"{app.name}: installed; {app.health_path} answers 200 through nginx")
+    else:
+        print(f"{app.name}: installed (nginx.service not found: the site is written but not served)")
+    return 0
+
+
+def _job_ok(sd: object, unit: str, result: str, verb: str) -> None:
+    if result != "done":
+        raise Failed(f"{verb} {unit}: job {result}; see journalctl -u {unit}")
+
+
+def _http_status(app: AppConfig) -> int:
+    listen = app.nginx.listen[0]
+    host_port = listen if ":" in listen else f"127.0.0.1:{listen}"
+    if host_port.startswith("0.0.0.0:"):
+        host_port = "127.0.0.1:" + host_port.split(":")[1]
+    host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
+    req = urllib.request.Request(f"http://{host_port}{app.health_path}", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from .bus import Systemd
+
+    manifest = _read_manifest(args.name)
+    if not manifest:
+        raise Failed(f"{args.name} is not managed by reloader (no {_manifest_path(args.name)})")
+    if os.geteuid() != 0:
+        raise Failed("uninstall removes files from /etc and manages system units: run it as root (sudo)")
+    shared_elsewhere = set()
+    for other in STATE_DIR.glob("*.json"):
+        if other.stem != args.name:
+            shared_elsewhere |= set(_read_manifest(other.stem).get("files", {}))
+    with Systemd() as sd:
+        units = manifest.get("units", [])
+        for unit in units:
+            sd.stop_unit(unit, timeout=300)
+        sd.disable(units)
+        for path in manifest.get("files", {}):
+            if path not in shared_elsewhere:
+                Path(path).unlink(missing_ok=True)
+                print(f"removed {path}")
+        dropin_dir = Path(NGINX_DROPIN).parent
+        if dropin_dir.is_dir() and not any(dropin_dir.iterdir()):
+            dropin_dir.rmdir()
+        _manifest_path(args.name).unlink()
+        sd.daemon_reload()
+        nginx = sd.state("nginx.service")
+        if nginx.running:
+            _job_ok(sd, "nginx.service", sd.reload_unit("nginx.service", timeout=120), "reload")
+    print(f"{args.name}: uninstalled")
+    return 0
+
+
+# --- deploy / status ------------------------------------------------------------------------------------
+def _app_for(name: str) -> AppConfig:
+    path = CONFIG_DIR / f"{name}.toml"
+    if not path.exists():
+        raise Failed(f"{name} is not managed by reloader (no {path}); install it with `reloader install`")
+    return load(path)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .bus import Systemd
+
+    app = _app_for(args.name)
+    tty = sys.stdout.isatty()
+    with Systemd() as sd:
+        before = sd.state(app.service)
+        if before.load_state == "masked":
+            raise Failed(f"{app.service} is masked; `systemctl unmask {app.service}` first")
+        if before.load_state != "loaded":
+            raise Failed(f"{app.service} is not loaded ({before.load_state}); run `reloader install`")
+        if before.active_state != "active":
+            raise Failed(f"{app.service} is {before.active_state}, not running: start it instead of deploying")
+        timeout = args.timeout or (app.ready_timeout + app.preflight_timeout + app.graceful_timeout + 60)
+        last = [0.0]
+
+        def progress(elapsed: float) -> None:
+            if tty:
+                status = sd.state(app.service).status_text
+                print(f"\r\033[K{app.name}: {elapsed:5.1f} s  {status[:100]}", end="", flush=True)
+            elif elapsed - last[0] >= 5:
+                last[0] = elapsed
+                print(f"{app.name}: still reloading after {elapsed:.0f} s", flush=True)
+
+        started = time.monotonic()
+        result = sd.reload_unit(app.service, timeout=timeout, progress=progress)
+        took = time.monotonic() - started
+        if tty:
+            print("\r\033[K", end="")
+        after = sd.state(app.service)
+    ok = result == "done" and after.running and after.reload_result in ("success", "")
+    report = {
+        "unit": app.service, "result": "success" if ok else "failed", "job": result,
+        "reload_result": after.reload_result, "active_state": after.active_state, "sub_state": after.sub_state,
+        "old_main_pid": before.main_pid, "new_main_pid": after.main_pid, "seconds": round(took, 2),
+        "status": after.status_text,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{app.name}: deploy {report['result']} in {took:.1f} s (job {result}, reload result "
+              f"{after.reload_result or '?'}, {after.active_state}/{after.sub_state})")
+        print(f"  MainPID {before.main_pid} -> {after.main_pid}")
+        print(f"  status: {after.status_text}")
+    return 0 if ok else 1
+
+
+def _managed() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import proc
+    from .bus import Systemd
+
+    names = [args.name] if args.name else _managed()
+    rows = []
+    with Systemd() as sd:
+        for name in names:
+            app = _app_for(name)
+            st = sd.state(app.service)
+            sock = sd.state(app.socket_unit) if app.socket_activation else None
+            rows.append({
+                "name": name, "service": st.active_state + "/" + st.sub_state, "load_state": st.load_state,
+                "socket": (sock.active_state + "/" + sock.sub_state) if sock else None,
+                "main_pid": st.main_pid, "workers": len(proc.children(st.main_pid)) if st.main_pid else 0,
+                "reload_result": st.reload_result, "status": st.status_text,
+                "release": os.path.basename(os.path.realpath(app.working_directory)),
+                "strategy": app.strategy,
+            })
+    if args.json:
+        print(json.dumps(rows if not args.name else rows[0], indent=2))
+    else:
+        if not rows:
+            print("no apps managed by reloader (none in /etc/reloader)")
+        for r in rows:
+            print(f"{r['name']}: {r['service']} (socket {r['socket'] or 'none'}), MainPID {r['main_pid']}, "
+                  f"{r['workers']} workers, release {r['release']}, last reload {r['reload_result'] or '-'}")
+            if r["status"]:
+                print(f"  {r['status']}")
+    bad = [r for r in rows if not r["service"].startswith("active")]
+    return 1 if bad else 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("install", help="render CONFIG, install its units and nginx site, start or reload it")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    p.add_argument("--notify-reload", action="store_true", help="use Type=notify-reload where systemd >= 253")
+    p.set_defaults(func=cmd_install)
+
+    for alias in ("deploy", "reload"):
+        p = sub.add_parser(alias, help="reload NAME over D-Bus and report whether the new release is serving")
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--timeout", type=float, default=0, help="seconds to wait for the reload job")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("status", help="state of NAME (or of every managed app)")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("uninstall", help="stop and disable NAME and remove exactly the files install wrote")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_uninstall)
+
+    p = sub.add_parser("exec-reload", help="(systemd hook) the app service's ExecReload=")
+    p.add_argument("config", metavar="CONFIG")
+    p.set_defaults(func=cmd_exec_reload)
+
+    p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
+    p.set_defaults(func=cmd_nginx_reload)
+
+
+__all__ = ["add_parsers", "ConfigError"]

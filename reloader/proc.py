@@ -1,0 +1,83 @@
+"""Small, read-mostly views of /proc, and the one place reloader signals processes.
+
+reloader never finds a process by name: it starts from systemd's MainPID and walks parent/child links,
+and it only signals processes in the same cgroup as that MainPID (i.e. of the app's own unit).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def alive(pid: int) -> bool:
+    """True while *pid* exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def children(pid: int) -> list[int]:
+    """Live direct children of *pid* (a scan of /proc: needs no CONFIG_PROC_CHILDREN)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and ppid(int(entry.name)) == pid and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def cgroup(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def same_unit(pid: int, other: int) -> bool:
+    """Both processes are in the same cgroup, i.e. the same systemd unit."""
+    a, b = cgroup(pid), cgroup(other)
+    return bool(a) and a == b
+
+
+def send(pid: int, sig: signal.Signals) -> bool:
+    """Signal *pid*; False if it is already gone."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.05,
+             tick: Callable[[], None] | None = None) -> bool:
+    """Poll *condition* until it holds or *timeout* passes; *tick* runs between polls (e.g. notify)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        if tick:
+            tick()
+        time.sleep(interval)

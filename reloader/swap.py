@@ -1,0 +1,374 @@
+"""The reload engine that runs as the unit's ``ExecReload=``: one state machine, each step named.
+
+    clean up strays → pre-flight → spawn new generation → wait ready → bake → hand MAINPID over
+    → retire old generation → confirm                      (strategy "generation", the default)
+    clean up strays → pre-flight → HUP → wait new workers → bake → confirm          (strategy "hup")
+
+Any failure before the old generation is retired rolls back: the new master is stopped gracefully and
+the old one, which was never touched, keeps serving. The helper exits non-zero and says why in
+``STATUS=`` and on stderr (the journal), so ``systemctl reload`` fails and ``systemctl status`` shows it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import proc
+from .config import AppConfig
+
+#: How much more time to ask systemd for whenever we are still making progress.
+EXTEND_USEC = 30_000_000
+
+
+class Refused(Exception):
+    """The reload did not happen (or was rolled back); the old generation is serving."""
+
+
+class Notifier:
+    """sd_notify + a journal line for every state change. A no-op outside systemd."""
+
+    def __init__(self, name: str) -> None:
+        import sdnotify
+
+        self._n = sdnotify.SystemdNotifier()
+        self.name = name
+        self._last_extend = 0.0
+
+    def send(self, text: str) -> None:
+        self._n.notify(text)
+
+    def status(self, text: str) -> None:
+        print(f"reloader: {self.name}: {text}", file=sys.stderr, flush=True)
+        self.send(f"STATUS={text}")
+
+    def extend(self) -> None:
+        """Keep systemd's TimeoutStartSec from expiring while a slow step is still progressing."""
+        now = time.monotonic()
+        if now - self._last_extend > 5:
+            self._last_extend = now
+            self.send(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+class Swap:
+    """One reload of one app. ``run()`` returns the exit status for systemd."""
+
+    def __init__(self, app: AppConfig, main_pid: int, notifier: Notifier,
+                 main_pid_from_bus: Callable[[], int] | None = None) -> None:
+        self.app = app
+        self.old = main_pid
+        self.new = 0
+        self.n = notifier
+        self.main_pid_from_bus = main_pid_from_bus
+        self.ready_dir = Path(app.ready_dir)
+
+    # --- the protocol -------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.n.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
+        started = time.monotonic()
+        try:
+            with self._lock():
+                if not proc.alive(self.old):
+                    raise Refused(f"MainPID {self.old} is not running; start the service instead")
+                self.clean_up_strays()
+                self.preflight()
+                if self.app.strategy == "hup":
+                    workers = self.reload_by_hup()
+                else:
+                    workers = self.reload_by_new_generation()
+        except Refused as e:
+            self.n.status(f"reload refused: {e}")
+            self.n.send("READY=1")
+            return 1
+        generation = self._next_generation()
+        master = self.new or self.old
+        self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
+                      f"(master {master}, reload took {time.monotonic() - started:.1f} s)")
+        self.n.send("READY=1")
+        return 0
+
+    def reload_by_new_generation(self) -> int:
+        self.spawn_new_generation()
+        try:
+            workers = self.wait_ready(self.new)
+            self.bake(self.new, set())
+            self.hand_over()
+        except Refused:
+            self.roll_back()
+            raise
+        self.retire_old_generation()
+        self.confirm()
+        return workers
+
+    def reload_by_hup(self) -> int:
+        before = set(proc.children(self.old))
+        exits_before = self._exits(self.old)
+        self.n.status(f"HUP to master {self.old}: replacing its {len(before)} workers")
+        proc.send(self.old, signal.SIGHUP)
+        workers = self.wait_ready(self.old, exclude=before)
+        self.n.status("waiting for the old workers to finish their requests")
+        if not proc.wait_for(lambda: not any(proc.alive(p) and proc.ppid(p) == self.old for p in before),
+                             self.app.graceful_timeout + 10, tick=self.n.extend):
+            raise Refused("old workers did not exit within graceful_timeout")
+        self.bake(self.old, exits_before)
+        return workers
+
+    # --- steps ------------------------------------------------------------------------------------
+    def clean_up_strays(self) -> None:
+        """Undo what a helper killed mid-reload may have left, so this reload starts from one generation."""
+        parent = proc.ppid(self.old)
+        if parent > 1 and proc.same_unit(parent, self.old) and _is_master(parent, self.app):
+            # Killed after the hand-over, before retiring: the old master is MainPID's parent.
+            self.n.status(f"retiring old master {parent} left by an interrupted reload")
+            proc.send(parent, signal.SIGTERM)
+            if not proc.wait_for(lambda: not proc.alive(parent), self.app.graceful_timeout + 10, tick=self.n.extend):
+                raise Refused(f"old master {parent} from an interrupted reload did not exit")
+            # The new master promotes itself (renames gunicorn.pid.2) on its next loop.
+            proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.old, 5)
+        for child in proc.children(self.old):
+            if _is_master(child, self.app):
+                self.n.status(f"stopping stray new master {child} left by an interrupted reload")
+                proc.send(child, signal.SIGTERM)
+                if not proc.wait_for(lambda c=child: not proc.alive(c), self.app.graceful_timeout + 10,
+                                     tick=self.n.extend):
+                    raise Refused(f"stray master {child} did not exit")
+        # Let the old master reap it (it ignores USR2 while it still has a child master).
+        proc.wait_for(lambda: not Path(self.app.pidfile + ".2").exists(), 3)
+        if self.ready_dir.is_dir():
+            for entry in self.ready_dir.iterdir():
+                if entry.name.isdigit() and not proc.alive(int(entry.name)):
+                    _rmtree(entry)
+
+    def preflight(self) -> None:
+        app = self.app
+        self.n.status(f"pre-flight: importing {app.wsgi} from {self.release()} and requesting {app.health_path}")
+        script = Path(__file__).with_name("preflight.py")
+        try:
+            p = subprocess.Popen([app.python, str(script), app.wsgi, app.health_path], cwd=app.working_directory,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        except OSError as e:
+            raise Refused(f"cannot run the pre-flight with {app.python}: {e.strerror}") from None
+        deadline = time.monotonic() + app.preflight_timeout
+        out = err = ""
+        while True:
+            try:
+                out, err = p.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.communicate()
+                    raise Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
+                                  "(a hanging import? raise preflight_timeout if the app is just slow)") from None
+                self.n.extend()
+        result = _last_json(out)
+        if result is None:
+            tail = " ".join(err.strip().splitlines()[-1:]) or f"exit status {p.returncode}"
+            raise Refused(f"pre-flight crashed: {tail}")
+        if not result.get("ok"):
+            raise Refused(str(result.get("error")))
+        self.n.status(f"pre-flight passed: {app.health_path} answered {result.get('status')}")
+
+    def spawn_new_generation(self) -> None:
+        self.n.status(f"starting a new generation next to master {self.old} (USR2)")
+        proc.send(self.old, signal.SIGUSR2)
+        pidfile2 = self.app.pidfile + ".2"
+
+        def found() -> bool:
+            pid = _read_pid(pidfile2)
+            if pid and proc.ppid(pid) == self.old:
+                self.new = pid
+                return True
+            return False
+
+        if not proc.wait_for(found, 30, tick=self.n.extend):
+            raise Refused(f"master {self.old} did not start a new master within 30 s (no {pidfile2})")
+
+    def wait_ready(self, master: int, exclude: set[int] = frozenset()) -> int:
+        """Wait until *every* worker of *master* has loaded the app (the post_worker_init hook ran)."""
+        want = self.app.workers
+        self.n.status(f"waiting for {want} workers of master {master} to load the app")
+
+        def ready() -> bool:
+            if not proc.alive(master):
+                raise Refused(f"the new generation exited while booting (master {master}); "
+                              f"see journalctl -u {self.app.service}")
+            return len(self._ready_workers(master) - exclude) >= want
+
+        if not proc.wait_for(ready, self.app.ready_timeout, tick=self.n.extend):
+            got = len(self._ready_workers(master) - exclude)
+            raise Refused(f"only {got} of {want} workers loaded the app within ready_timeout "
+                          f"({self.app.ready_timeout} s)")
+        return want
+
+    def bake(self, master: int, exits_before: set[str]) -> None:
+        """Keep watching the new workers (and the app's health) before the old generation goes."""
+        seconds = self.app.bake_seconds
+        if seconds <= 0:
+            return
+        self.n.status(f"baking the new generation for {seconds:g} s")
+        deadline = time.monotonic() + seconds
+        while True:
+            if not proc.alive(master):
+                raise Refused(f"the new master {master} died during the bake")
+            lost = self._exits(master) - exits_before
+            if lost:
+                raise Refused(f"{len(lost)} new worker(s) died during the bake (e.g. pid {sorted(lost)[0][5:]})")
+            status = _health(self.app)
+            if status >= 500 or status == 0:
+                raise Refused(f"health check {self.app.health_path} answered {status or 'nothing'} during the bake")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+
+    def hand_over(self) -> None:
+        self.n.status(f"handing MainPID over to the new master {self.new}")
+        self.n.send(f"MAINPID={self.new}")
+        if self.main_pid_from_bus and not proc.wait_for(lambda: self.main_pid_from_bus() == self.new, 10):
+            raise Refused(f"systemd did not accept MAINPID={self.new} (is NotifyAccess=exec set?)")
+
+    def roll_back(self) -> None:
+        if not self.new:
+            return
+        self.n.status(f"rolling back: stopping new master {self.new}, master {self.old} keeps serving")
+        if self.main_pid_from_bus and self.main_pid_from_bus() == self.new:
+            self.n.send(f"MAINPID={self.old}")
+        proc.send(self.new, signal.SIGTERM)
+        proc.wait_for(lambda: not proc.alive(self.new), self.app.graceful_timeout + 10, tick=self.n.extend)
+
+    def retire_old_generation(self) -> None:
+        self.n.status(f"retiring old master {self.old} gracefully (TERM): in-flight requests finish")
+        proc.send(self.old, signal.SIGTERM)
+        if not proc.wait_for(lambda: not proc.alive(self.old), self.app.graceful_timeout + 10, tick=self.n.extend):
+            # Past graceful_timeout gunicorn kills its own workers; a master still here is wedged.
+            raise Refused(f"old master {self.old} did not exit after graceful_timeout; the new generation "
+                          f"{self.new} is serving")
+
+    def confirm(self) -> None:
+        if not proc.alive(self.new):
+            raise Refused(f"the new master {self.new} died right after taking over")
+        # Its parent is gone: gunicorn promotes it and renames gunicorn.pid.2 on its next loop.
+        proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.new, 5)
+        if self.main_pid_from_bus:
+            main = self.main_pid_from_bus()
+            if main != self.new:
+                raise Refused(f"systemd's MainPID is {main}, expected the new master {self.new}")
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def release(self) -> str:
+        return os.path.basename(os.path.realpath(self.app.working_directory))
+
+    def _ready_workers(self, master: int) -> set[int]:
+        directory = self.ready_dir / str(master)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return set()
+        pids = {int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()}
+        return {p for p in pids if proc.alive(p) and proc.ppid(p) == master}
+
+    def _exits(self, master: int) -> set[str]:
+        try:
+            return {n for n in os.listdir(self.ready_dir / str(master)) if n.startswith("exit-")}
+        except OSError:
+            return set()
+
+    def _next_generation(self) -> int:
+        path = Path(self.app.runtime_dir) / "generation"
+        try:
+            n = int(path.read_text().strip()) + 1
+        except (OSError, ValueError):
+            n = 2  # the generation systemd started is 1
+        try:
+            path.write_text(f"{n}\n")
+        except OSError:
+            pass
+        return n
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialize reloads of one app even when the helper is run by hand next to systemd's."""
+        path = Path(self.app.runtime_dir) / "reload.lock"
+        with open(path, "a") as f:
+            if not proc.wait_for(lambda: _try_lock(f), self.app.ready_timeout, interval=0.2, tick=self.n.extend):
+                raise Refused("another reload of this app is still running")
+            yield
+
+
+def _try_lock(f: object) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _is_master(pid: int, app: AppConfig) -> bool:
+    """A gunicorn master of this app: it has a ready-dir entry, or is named in one of its pidfiles."""
+    if (Path(app.ready_dir) / str(pid) / "master").exists():
+        return True
+    return pid in (_read_pid(app.pidfile), _read_pid(app.pidfile + ".2")) and proc.alive(pid)
+
+
+def _read_pid(path: str) -> int:
+    try:
+        return int(Path(path).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _last_json(text: str) -> dict | None:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def _health(app: AppConfig, timeout: float = 5.0) -> int:
+    """GET the health path through the app's socket; the HTTP status, or 0 if there was no answer."""
+    conn = _UnixHTTPConnection(app.socket, timeout)
+    try:
+        host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
+        conn.request("GET", app.health_path, headers={"Host": host, "User-Agent": "reloader-bake"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+def _rmtree(path: Path) -> None:
+    for child in path.iterdir():
+        child.unlink(missing_ok=True)
+    path.rmdir()
