@@ -64,6 +64,30 @@ class Systemd:
                          "dbus running?") from None
         self.manager = Manager(bus=self._bus)
         self.manager.load()
+        self._job_results: dict[bytes, str] = {}
+        self._subscribed = False
+
+    def _subscribe(self) -> None:
+        """Match JobRemoved once per connection. pystemd keeps only a raw pointer to the callback, so it
+        must be a plain function (pystemd sets attributes on it) that lives as long as the bus."""
+        if self._subscribed:
+            return
+        results = self._job_results
+
+        def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            msg.process_reply(True)
+            _id, path, _unit, result = msg.body
+            results[path if isinstance(path, bytes) else str(path).encode()] = _s(result)
+
+        self._callback = on_job_removed
+        self._bus.match_signal(b"org.freedesktop.systemd1", b"/org/freedesktop/systemd1",
+                               b"org.freedesktop.systemd1.Manager", b"JobRemoved", self._callback)
+        try:
+            self.manager.Manager.Subscribe()
+        except Exception as e:
+            if "AlreadySubscribed" not in str(e):
+                raise
+        self._subscribed = True
 
     def close(self) -> None:
         self._bus.close()
@@ -123,20 +147,8 @@ class Systemd:
 
         Returns the job's result ('done', 'failed', 'timeout', 'canceled', 'dependency', 'skipped').
         """
-        results: dict[bytes, str] = {}
-
-        def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
-            msg.process_reply(True)
-            _id, path, _unit, result = msg.body
-            results[path if isinstance(path, bytes) else str(path).encode()] = _s(result)
-
-        self._bus.match_signal(b"org.freedesktop.systemd1", b"/org/freedesktop/systemd1",
-                               b"org.freedesktop.systemd1.Manager", b"JobRemoved", on_job_removed)
-        try:
-            self.manager.Manager.Subscribe()
-        except Exception as e:
-            if "AlreadySubscribed" not in str(e):
-                raise
+        self._subscribe()
+        results = self._job_results
         try:
             job = start()
         except Exception as e:

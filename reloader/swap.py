@@ -228,9 +228,10 @@ class Swap:
             lost = self._exits(master) - exits_before
             if lost:
                 raise Refused(f"{len(lost)} new worker(s) died during the bake (e.g. pid {sorted(lost)[0][5:]})")
-            status = _health(self.app)
+            status, error = _health(self.app)
             if status >= 500 or status == 0:
-                raise Refused(f"health check {self.app.health_path} answered {status or 'nothing'} during the bake")
+                raise Refused(f"health check {self.app.health_path} through {self.app.socket} "
+                              f"{'answered ' + str(status) if status else 'failed: ' + error} during the bake")
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.2)
@@ -353,17 +354,17 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-def _health(app: AppConfig, timeout: float = 5.0) -> int:
-    """GET the health path through the app's socket; the HTTP status, or 0 if there was no answer."""
+def _health(app: AppConfig, timeout: float = 5.0) -> tuple[int, str]:
+    """GET the health path through the app's socket: (HTTP status, "") or (0, why there was no answer)."""
     conn = _UnixHTTPConnection(app.socket, timeout)
     try:
         host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
         conn.request("GET", app.health_path, headers={"Host": host, "User-Agent": "reloader-bake"})
         response = conn.getresponse()
         response.read()
-        return response.status
-    except OSError:
-        return 0
+        return response.status, ""
+    except (OSError, http.client.HTTPException) as e:
+        return 0, f"{type(e).__name__}: {e}"
     finally:
         conn.close()
 

@@ -59,3 +59,18 @@ def trixie_container(trixie_image: Path) -> Iterator[testbed.Container]:
     """A freshly booted trixie container, stopped after the test."""
     with testbed.boot("trixie") as c:
         yield c
+
+
+# ==========================================================================
+# The example app installed in a container (tests/appbed.py)
+# ==========================================================================
+import appbed  # noqa: E402
+
+
+@pytest.fixture
+def app(container: testbed.Container) -> appbed.App:
+    """A booted container with examples/flaskapp.toml installed by `reloader install` and serving v1."""
+    a = appbed.App(container)
+    a.install()
+    assert a.wait_version("v1"), a.journal()
+    return a

@@ -1,0 +1,137 @@
+"""The example app installed in a booted test-bed container, and helpers that read like the spec.
+
+``App`` wraps a :class:`testbed.Container` in which ``reloader install`` has installed
+``examples/flaskapp.toml`` (releases under /srv/flaskapp/releases/N, ``current`` → the live one). Helpers
+ship new releases, run reloads, read unit properties over D-Bus (pystemd, inside the container) and
+send HTTP through nginx.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+
+import testbed
+
+APP_SRC = "/src/examples/flaskapp/app.py"
+HOST = "flaskapp.example"
+
+#: Installs reloader inside the container from the bind-mounted checkout, like the .deb's /usr/bin/reloader.
+WRAPPER = """#!/bin/sh
+PYTHONPATH=/src exec /usr/bin/python3 -m reloader "$@"
+"""
+
+_PROPS = """
+import json, sys
+from pystemd.systemd1 import Unit
+u = Unit(sys.argv[1].encode()); u.load()
+d = lambda v: v.decode() if isinstance(v, bytes) else v
+out = {k: d(getattr(u.Unit, k)) for k in ("LoadState", "ActiveState", "SubState")}
+if sys.argv[1].endswith(".service"):
+    for k in ("MainPID", "StatusText", "Result", "ReloadResult", "NRestarts"):
+        out[k] = d(getattr(u.Service, k))
+print(json.dumps(out))
+"""
+
+
+@dataclass
+class Reply:
+    status: int  # 0 when no HTTP answer came
+    body: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+class App:
+    def __init__(self, container: testbed.Container, name: str = "flaskapp") -> None:
+        self.c = container
+        self.name = name
+        self.release = 0
+
+    # --- set-up -----------------------------------------------------------------------------------------
+    def install(self, config: str = "/src/examples/flaskapp.toml", **release: str) -> subprocess.CompletedProcess:
+        self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+        self.c.run("ln -sfn /opt/venv /srv/flaskapp/venv || (mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv)")
+        self.ship(**release)
+        return self.c.run(["reloader", "install", config], timeout=240)
+
+    def ship(self, version: str | None = None, *, code: str | None = None, extra: str = "",
+             files: dict[str, str] | None = None) -> int:
+        """Put a new release in place and point ``current`` at it (atomically). Returns its number.
+
+        *code* replaces app.py entirely; otherwise the example app is copied with VERSION = *version*
+        and *extra* appended.
+        """
+        self.release += 1
+        n = self.release
+        version = version or f"v{n}"
+        d = f"/srv/flaskapp/releases/{n}"
+        self.c.run(["mkdir", "-p", d])
+        if code is None:
+            source = self.c.read_file(APP_SRC).replace('VERSION = "v1"', f"VERSION = {version!r}") + extra
+        else:
+            source = code
+        self.c.write_file(f"{d}/app.py", source)
+        for name, text in (files or {}).items():
+            self.c.write_file(f"{d}/{name}", text)
+        self.c.run(f"ln -sfn {d} /srv/flaskapp/current.new && mv -T /srv/flaskapp/current.new /srv/flaskapp/current")
+        return n
+
+    # --- observing --------------------------------------------------------------------------------------
+    def props(self, unit: str | None = None) -> dict:
+        """Unit properties read over D-Bus with pystemd inside the container."""
+        r = self.c.run(["python3", "-c", _PROPS, unit or f"{self.name}.service"])
+        return json.loads(r.stdout)
+
+    def get(self, path: str = "/", timeout: float = 10) -> Reply:
+        """GET through nginx (port 80) with the app's Host header."""
+        r = self.c.run(f"curl -s -m {timeout} -H 'Host: {HOST}' -w '\\n%{{http_code}}' http://127.0.0.1{path}",
+                       check=False, timeout=timeout + 10)
+        body, _, code = r.stdout.rpartition("\n")
+        return Reply(int(code or 0), body)
+
+    def version(self) -> str:
+        reply = self.get("/")
+        return reply.json["version"] if reply.status == 200 else f"<{reply.status}>"
+
+    def wait_version(self, version: str, timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.version() == version:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def systemctl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return self.c.run(["systemctl", *args], check=False, timeout=timeout)
+
+    def reload(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        return self.systemctl("reload", f"{self.name}.service", timeout=timeout)
+
+    def journal(self, lines: int = 60) -> str:
+        return self.c.run(f"journalctl -u {self.name} --no-pager -n {lines}", check=False).stdout
+
+    # --- load ---------------------------------------------------------------------------------------------
+    def start_load(self, *, concurrency: int = 6, long: int = 2, long_path: str = "/slow?s=2",
+                   out: str = "/run/loadgen.json", stop: str = "/run/loadgen.stop") -> subprocess.Popen:
+        """Start the load generator inside the container; :meth:`stop_load` returns its JSON report."""
+        self.c.run(["rm", "-f", out, stop])
+        cmd = ("cd /src && exec python3 -m reloader.loadgen http://127.0.0.1/ "
+               f"--concurrency {concurrency} --long {long} --long-path {shlex.quote(long_path)} "
+               f"-H 'Host: {HOST}' --until-file {stop} --out {out} --max-duration 900")
+        return self.c.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop_load(self, p: subprocess.Popen, out: str = "/run/loadgen.json",
+                  stop: str = "/run/loadgen.stop") -> dict:
+        self.c.run(["touch", stop])
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+        return json.loads(self.c.read_file(out))
