@@ -31,7 +31,7 @@ u = Unit(sys.argv[1].encode()); u.load()
 d = lambda v: v.decode() if isinstance(v, bytes) else v
 out = {k: d(getattr(u.Unit, k)) for k in ("LoadState", "ActiveState", "SubState")}
 if sys.argv[1].endswith(".service"):
-    for k in ("MainPID", "StatusText", "Result", "ReloadResult", "NRestarts"):
+    for k in ("MainPID", "ControlPID", "StatusText", "Result", "ReloadResult", "NRestarts"):
         out[k] = d(getattr(u.Service, k))
 print(json.dumps(out))
 """
@@ -56,7 +56,7 @@ class App:
     # --- set-up -----------------------------------------------------------------------------------------
     def install(self, config: str = "/src/examples/flaskapp.toml", **release: str) -> subprocess.CompletedProcess:
         self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
-        self.c.run("ln -sfn /opt/venv /srv/flaskapp/venv || (mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv)")
+        self.c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
         self.ship(**release)
         return self.c.run(["reloader", "install", config], timeout=240)
 
@@ -81,6 +81,29 @@ class App:
             self.c.write_file(f"{d}/{name}", text)
         self.c.run(f"ln -sfn {d} /srv/flaskapp/current.new && mv -T /srv/flaskapp/current.new /srv/flaskapp/current")
         return n
+
+    def variant(self, gunicorn: str = "", reload: str = "", path: str = "/root/flaskapp.toml") -> str:
+        """Write the example config with extra lines in [gunicorn] / a [reload] section; returns its path."""
+        text = self.c.read_file("/src/examples/flaskapp.toml").replace("[gunicorn]\n", f"[gunicorn]\n{gunicorn}\n")
+        if reload:
+            text += f"\n[reload]\n{reload}\n"
+        self.c.write_file(path, text)
+        return path
+
+    def masters(self) -> list[int]:
+        """PIDs of gunicorn masters in the unit's cgroup: not a child of another process of the unit, or
+        with children of its own (workers have none). Only meaningful between reloads."""
+        r = self.c.run(f"cat /sys/fs/cgroup/unified/system.slice/{self.name}.service/cgroup.procs "
+                       f"/sys/fs/cgroup/system.slice/{self.name}.service/cgroup.procs 2>/dev/null | sort -u",
+                       check=False)
+        pids = {int(p) for p in r.stdout.split()}
+        parent = {}
+        for pid in pids:
+            stat = self.c.run(["cat", f"/proc/{pid}/stat"], check=False).stdout
+            if stat:
+                parent[pid] = int(stat.rpartition(")")[2].split()[1])
+        has_children = set(parent.values())
+        return sorted(p for p, pp in parent.items() if pp not in pids or p in has_children)
 
     # --- observing --------------------------------------------------------------------------------------
     def props(self, unit: str | None = None) -> dict:

@@ -1,0 +1,257 @@
+"""`systemctl reload flaskapp` in a real systemd: loses no request, refuses broken releases, tells the truth.
+
+Every test runs the example app behind nginx in a booted container, with a load generator inside it that
+counts every response and connection error (reloader/loadgen.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+from appbed import App
+
+RELOADS = 20
+
+
+def assert_no_failures(report: dict) -> None:
+    assert report["total"] > 0, report["summary"]
+    assert report["failures"] == {}, (report["summary"], report.get("first_failures"))
+    assert report["keepalive_retries"] == 0, report["summary"]
+    assert report["long"]["total"] > 0 and report["long"]["failed"] == 0, report["long"]
+
+
+def reload_to(app: App, version: str) -> tuple[int, dict]:
+    """Ship *version*, reload, and check what systemd and the app say afterwards."""
+    before = app.props()["MainPID"]
+    app.ship(version)
+    r = app.reload()
+    after = app.props()
+    assert r.returncode == 0, (r.stderr, after, app.journal(30))
+    assert app.version() == version, "reload returned before the new release was serving"
+    assert after["ActiveState"] == "active" and after["SubState"] == "running", after
+    assert after["ReloadResult"] == "success", after
+    return before, after
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["default", "preload_app"])
+def test_twenty_reloads_under_load_lose_no_request(container, preload: bool) -> None:
+    app = App(container)
+    app.install(app.variant(gunicorn="preload_app = true" if preload else ""))
+    assert app.wait_version("v1")
+    load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
+    pids = [app.props()["MainPID"]]
+    for n in range(2, RELOADS + 2):
+        _, after = reload_to(app, f"v{n}")
+        assert after["MainPID"] != pids[-1], "the default strategy starts a new master every reload"
+        assert app.c.read_file("/run/flaskapp/gunicorn.pid").strip() == str(after["MainPID"])
+        assert f"generation {n}" in after["StatusText"] and "4 workers" in after["StatusText"], after
+        pids.append(after["MainPID"])
+    report = app.stop_load(load)
+    assert_no_failures(report)
+    assert set(report["versions"]) == {f"v{n}" for n in range(1, RELOADS + 2)}
+    assert app.masters() == [pids[-1]], "exactly one generation is left running"
+
+
+def test_hup_strategy_reloads_in_place_under_load(container) -> None:
+    app = App(container)
+    app.install(app.variant(reload='strategy = "hup"'))
+    assert app.wait_version("v1")
+    master = app.props()["MainPID"]
+    load = app.start_load(concurrency=6, long=2, long_path="/slow?s=1")
+    for n in range(2, 7):
+        _, after = reload_to(app, f"v{n}")
+        assert after["MainPID"] == master, "HUP keeps the master"
+    report = app.stop_load(load)
+    assert_no_failures(report)
+
+
+BROKEN = {
+    "import error": ("import nosuchmodule\n", "ModuleNotFoundError: No module named 'nosuchmodule' (app.py:1)"),
+    "syntax error": ("from flask import Flask\napp = Flask(__name__\n", "SyntaxError"),
+    "missing callable": ("from flask import Flask\napplication = Flask(__name__)\n", "has no attribute 'app'"),
+    "exception creating the app": (
+        "from flask import Flask\n\ndef make():\n    raise RuntimeError('no database configured')\n\napp = make()\n",
+        "RuntimeError: no database configured (app.py:4)"),
+    "hanging import": ("import time\ntime.sleep(3600)\n", "pre-flight timed out after 5 s"),
+    "health path answers 500": (
+        "from flask import Flask\napp = Flask(__name__)\n\n@app.get('/health')\ndef health():\n"
+        "    return 'db down', 500\n", "/health answered 500"),
+}
+
+
+def test_broken_releases_are_refused_while_the_old_one_serves(container) -> None:
+    app = App(container)
+    app.install(app.variant(reload="preflight_timeout = 5"))
+    assert app.wait_version("v1")
+    master = app.props()["MainPID"]
+    load = app.start_load(concurrency=6, long=1, long_path="/slow?s=1")
+    for kind, (code, reason) in BROKEN.items():
+        app.ship(code=code)
+        r = app.reload()
+        props = app.props()
+        assert r.returncode != 0, f"{kind}: reload must fail"
+        assert props["ActiveState"] == "active" and props["SubState"] == "running", (kind, props)
+        assert props["MainPID"] == master, f"{kind}: the running master was touched"
+        assert reason in props["StatusText"], (kind, props["StatusText"])
+        status = app.systemctl("status", "flaskapp", "--no-pager").stdout
+        assert "reload refused" in status and reason in status, (kind, status)
+        assert app.version() == "v1", kind
+    report = app.stop_load(load)
+    assert_no_failures(report)
+    assert set(report["versions"]) == {"v1"}
+    # The next good release still deploys.
+    reload_to(app, "v9")
+
+
+def test_a_release_that_fails_only_under_gunicorn_is_rolled_back(container) -> None:
+    """Passes the pre-flight, but its workers fail to boot: the new generation is stopped, the old stays."""
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    master = app.props()["MainPID"]
+    load = app.start_load(concurrency=6, long=1, long_path="/slow?s=1")
+    extra = "\nimport sys\nif 'gunicorn' in ' '.join(sys.argv):\n    raise RuntimeError('only in production')\n"
+    app.ship("v2", extra=extra)
+    r = app.reload()
+    props = app.props()
+    assert r.returncode != 0
+    assert props["MainPID"] == master and props["SubState"] == "running", props
+    assert "reload refused" in props["StatusText"] and "exited while booting" in props["StatusText"], props
+    report = app.stop_load(load)
+    assert_no_failures(report)
+    assert set(report["versions"]) == {"v1"}
+    assert app.masters() == [master]
+
+
+def test_workers_that_die_during_the_bake_are_rolled_back(container) -> None:
+    """Workers that boot and then die (here: 0.5 s after loading) fail the bake; the old generation stays.
+
+    No load here: a worker that dies mid-request kills that request whatever the deploy tool does.
+    """
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    master = app.props()["MainPID"]
+    extra = ("\nimport os, sys, threading\nif 'gunicorn' in ' '.join(sys.argv):\n"
+             "    threading.Timer(0.5, os._exit, [1]).start()\n")
+    app.ship("v2", extra=extra)
+    r = app.reload()
+    props = app.props()
+    assert r.returncode != 0
+    assert props["MainPID"] == master and props["SubState"] == "running", props
+    assert "reload refused" in props["StatusText"] and "died during the bake" in props["StatusText"], props
+    assert app.version() == "v1"
+    assert app.masters() == [master]
+
+
+def test_slow_but_valid_import_succeeds(container) -> None:
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
+    app.ship("v2", extra="\nimport time\ntime.sleep(20)\n")
+    started = time.monotonic()
+    r = app.reload()
+    took = time.monotonic() - started
+    assert r.returncode == 0, (r.stderr, app.journal(30))
+    assert took >= 20, "the pre-flight and the new workers both really imported the slow app"
+    assert app.version() == "v2"
+    assert_no_failures(app.stop_load(load))
+
+
+def test_helper_killed_mid_reload_leaves_a_serving_unit_whose_next_reload_succeeds(container) -> None:
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    master = app.props()["MainPID"]
+    load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
+    app.ship("v2", extra="\nimport time\ntime.sleep(4)\n")
+    reload = app.c.popen(["systemctl", "reload", "flaskapp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Wait until the new master exists (USR2 sent, workers importing), then SIGKILL the helper.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if app.c.run("test -s /run/flaskapp/gunicorn.pid.2", check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the new master never appeared: " + app.journal(20))
+    helper = app.props()["ControlPID"]
+    assert helper > 0
+    app.c.run(["kill", "-KILL", str(helper)])
+    assert reload.wait(timeout=60) != 0
+    props = app.props()
+    assert props["ActiveState"] == "active" and props["MainPID"] == master, props
+    assert props["ReloadResult"] == "signal", props
+    assert app.version() == "v1"
+    # The next reload cleans up the stray generation and deploys.
+    app.ship("v3")
+    r = app.reload()
+    assert r.returncode == 0, (r.stderr, app.journal(30))
+    assert app.version() == "v3"
+    assert app.masters() == [app.props()["MainPID"]]
+    assert_no_failures(app.stop_load(load))
+
+
+def test_concurrent_reloads_are_serialized(container) -> None:
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
+    app.ship("v2")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(app.reload().returncode)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == [0, 0, 0]
+    assert app.version() == "v2"
+    props = app.props()
+    assert props["SubState"] == "running" and app.masters() == [props["MainPID"]], props
+    assert_no_failures(app.stop_load(load))
+
+
+def test_restart_and_stop_drain_in_flight_requests(container) -> None:
+    """With the socket held by systemd, even `systemctl restart` refuses no connection."""
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    load = app.start_load(concurrency=4, long=2, long_path="/slow?s=2")
+    time.sleep(1)  # let the long requests get in flight before the restart
+    r = app.systemctl("restart", "flaskapp")
+    assert r.returncode == 0, r.stderr
+    assert app.wait_version("v1")
+    report = app.stop_load(load)
+    assert_no_failures(report)
+    # stop: an in-flight request finishes with 200 before the master exits.
+    slow = app.c.popen("curl -s -o /dev/null -w '%{http_code}' -H 'Host: flaskapp.example' "
+                       "'http://127.0.0.1/slow?s=3'", stdout=subprocess.PIPE)
+    time.sleep(1)
+    assert app.systemctl("stop", "flaskapp").returncode == 0
+    out, _ = slow.communicate(timeout=30)
+    assert out.decode().strip() == "200"
+
+
+def test_nginx_reload_is_verified_and_refuses_a_bad_config(container) -> None:
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    nginx = app.props("nginx.service")
+    load = app.start_load(concurrency=6, long=1, long_path="/slow?s=1")
+    for _ in range(5):
+        r = app.systemctl("reload", "nginx")
+        assert r.returncode == 0, r.stderr
+    assert "new workers serving" in app.c.run("journalctl -u nginx --no-pager", check=False).stdout
+    app.c.write_file("/etc/nginx/conf.d/broken.conf", "server { listen 81; bogus_directive on; }\n")
+    r = app.systemctl("reload", "nginx")
+    assert r.returncode != 0
+    journal = app.c.run("journalctl -u nginx --no-pager -n 20", check=False).stdout
+    assert "nginx left untouched" in journal and "bogus_directive" in journal, journal
+    after = app.props("nginx.service")
+    assert after["ActiveState"] == "active" and after["MainPID"] == nginx["MainPID"], after
+    report = app.stop_load(load)
+    assert report["failures"] == {}, report["summary"]
+    assert report["total"] > 0
