@@ -105,7 +105,7 @@ class Swap:
         self.spawn_new_generation()
         try:
             workers = self.wait_ready(self.new)
-            self.bake(self.new, set())
+            self.bake(self.new)
             self.hand_over()
         except Refused:
             self.roll_back()
@@ -116,7 +116,7 @@ class Swap:
 
     def reload_by_hup(self) -> int:
         before = set(proc.children(self.old))
-        exits_before = self._exits(self.old)
+        exited_before = self._exits(self.old)
         self.n.status(f"HUP to master {self.old}: replacing its {len(before)} workers")
         proc.send(self.old, signal.SIGHUP)
         workers = self.wait_ready(self.old, exclude=before)
@@ -124,7 +124,7 @@ class Swap:
         if not proc.wait_for(lambda: not any(proc.alive(p) and proc.ppid(p) == self.old for p in before),
                              self.app.graceful_timeout + 10, tick=self.n.extend):
             raise Refused("old workers did not exit within graceful_timeout")
-        self.bake(self.old, exits_before)
+        self.bake(self.old, expected_exits=before | exited_before)
         return workers
 
     # --- steps ------------------------------------------------------------------------------------
@@ -215,8 +215,10 @@ class Swap:
                           f"({self.app.ready_timeout} s)")
         return want
 
-    def bake(self, master: int, exits_before: set[str]) -> None:
-        """Keep watching the new workers (and the app's health) before the old generation goes."""
+    def bake(self, master: int, expected_exits: set[int] = frozenset()) -> None:
+        """Keep watching the new workers (and the app's health) before the old generation goes.
+
+        *expected_exits*: workers replaced on purpose (HUP) or that exited before this reload."""
         seconds = self.app.bake_seconds
         if seconds <= 0:
             return
@@ -225,9 +227,9 @@ class Swap:
         while True:
             if not proc.alive(master):
                 raise Refused(f"the new master {master} died during the bake")
-            lost = self._exits(master) - exits_before
+            lost = self._exits(master) - expected_exits
             if lost:
-                raise Refused(f"{len(lost)} new worker(s) died during the bake (e.g. pid {sorted(lost)[0][5:]})")
+                raise Refused(f"{len(lost)} new worker(s) died during the bake (e.g. pid {min(lost)})")
             status, error = _health(self.app)
             if status >= 500 or status == 0:
                 raise Refused(f"health check {self.app.health_path} through {self.app.socket} "
@@ -282,11 +284,13 @@ class Swap:
         pids = {int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()}
         return {p for p in pids if proc.alive(p) and proc.ppid(p) == master}
 
-    def _exits(self, master: int) -> set[str]:
+    def _exits(self, master: int) -> set[int]:
+        """Workers of *master* that have exited (recorded by the child_exit hook)."""
         try:
-            return {n for n in os.listdir(self.ready_dir / str(master)) if n.startswith("exit-")}
+            names = os.listdir(self.ready_dir / str(master))
         except OSError:
             return set()
+        return {int(n[5:]) for n in names if n.startswith("exit-") and n[5:].isdigit()}
 
     def _next_generation(self) -> int:
         path = Path(self.app.runtime_dir) / "generation"
