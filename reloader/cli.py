@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except Failed as e:
         print(f"reloader: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as e:
+        print(f"reloader: {e.filename or ''}: {e.strerror or e}".lstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("reloader: interrupted", file=sys.stderr)
         return 130

@@ -158,7 +158,7 @@ class _Reader:
                 self.fail(key, f"unknown key{hint}")
 
     def fail(self, key: str | None, message: str) -> None:
-        where = f"[{self.section}] {key}" if key else f"[{self.section}]"
+        where = f"[{self.section}] {_printable(key)}" if key else f"[{self.section}]"
         raise ConfigError(f"{self.source}: {where}: {message}")
 
     def has(self, key: str) -> bool:
@@ -231,6 +231,11 @@ class _Reader:
         return dict(value)
 
 
+def _printable(text: str) -> str:
+    """Keys come from the user too: keep a key with a newline from splitting the one-line error."""
+    return repr(text) if _CONTROL.search(text) else text
+
+
 def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -255,7 +260,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         if section not in _SECTIONS:
             close = difflib.get_close_matches(section, sorted(_SECTIONS), n=1)
             hint = f"; did you mean [{close[0]}]?" if close else f"; known sections: {', '.join(sorted(_SECTIONS))}"
-            raise ConfigError(f"{source}: [{section}]: unknown section{hint}")
+            raise ConfigError(f"{source}: [{_printable(section)}]: unknown section{hint}")
     if "app" not in data:
         raise ConfigError(f"{source}: [app]: missing section; it needs at least name, working_directory, "
                           "wsgi and virtualenv (or gunicorn)")
@@ -268,6 +273,9 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
                       allowed="use 1-48 lowercase letters, digits, '-' or '_', starting with a letter or digit "
                       "(it names the systemd unit, the user and /run/NAME)")
     user = app.string("user", name, pattern=_USER, allowed="a POSIX user name like 'flaskapp'")
+    if not _USER.fullmatch(user):
+        app.fail("user", f"{user!r} is not a valid user name (it defaults to the app name): set user to a POSIX "
+                 "user name like 'flaskapp'")
     group = app.string("group", user, pattern=_USER, allowed="a POSIX group name like 'flaskapp'")
     if user == "root" or group == "root":
         app.fail("user" if user == "root" else "group",
@@ -295,7 +303,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     socket_activation = gun.boolean("socket_activation", True)
     if socket_activation:
         socket = gun.path("socket", f"/run/{name}.sock")
-        if socket.startswith(f"/run/{name}/"):
+        if socket == f"/run/{name}" or socket.startswith(f"/run/{name}/"):
             gun.fail("socket", f"must not be inside /run/{name}/ with socket_activation: systemd empties that "
                      f"directory when the service stops, deleting the listening socket; use /run/{name}.sock")
     else:
@@ -305,6 +313,11 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         if not socket.startswith(f"/run/{name}/"):
             gun.fail("socket", f"must be inside /run/{name}/ when socket_activation = false (gunicorn creates "
                      "it as the app user there); or enable socket_activation")
+
+    if socket.endswith("/"):
+        gun.fail("socket", f"{socket!r} must name a socket file, not a directory")
+    if len(socket.encode()) > 107:
+        gun.fail("socket", f"{socket!r} is longer than the 107 bytes a unix socket path may have")
 
     rel = _Reader(source, "reload", data.get("reload", {}))
     strategy = rel.string("strategy", "generation")
@@ -358,7 +371,11 @@ def _nginx(ngx: _Reader) -> NginxConfig:
             ngx.fail(where, "the location must be a URL prefix like '/static/' (letters, digits, '._~/-')")
         if not isinstance(directory, str):
             ngx.fail(where, f"must be a directory path string, not {_show(directory)}")
+        if location == "/":
+            ngx.fail(where, "'/' is proxied to the app; serve static files under a prefix like '/static/'")
         ngx.check_path(where, directory)
+        if directory == "/":
+            ngx.fail(where, "refusing to serve the whole filesystem ('/')")
         # nginx's alias pitfall: "location /static/ { alias /dir; }" serves /dirfile; keep slashes paired.
         if location.endswith("/") != directory.endswith("/"):
             directory = directory.rstrip("/") + "/" if location.endswith("/") else directory.rstrip("/")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ def _sd_quote(value: str) -> str:
     return '"' + _sd(str(value)).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _basename(path: str) -> str:
+    """The config's file name, for header comments: escaped so a newline in it can't add a line."""
+    return os.path.basename(path).encode("unicode_escape").decode("ascii")
+
+
 def _pyrepr(value: object) -> str:
     return repr(value)
 
@@ -66,7 +72,7 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters.update(sd=_sd, sd_quote=_sd_quote, pyrepr=_pyrepr, basename=os.path.basename)
+    env.filters.update(sd=_sd, sd_quote=_sd_quote, pyrepr=_pyrepr, basename=_basename)
     return env
 
 
@@ -101,20 +107,32 @@ def write_tree(files: list[RenderedFile], out: Path) -> list[Path]:
     """
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".reloader-render-", dir=out))
-    written = []
+    written: list[Path] = []
+    backups: dict[Path, Path] = {}
     try:
         for f in files:
             path = staging / f.name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f.content, encoding="utf-8")
             path.chmod(f.mode)
-        for f in files:
-            target = out / f.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / f.name, target)
-            written.append(target)
+        try:
+            for i, f in enumerate(files):
+                target = out / f.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists() or target.is_symlink():
+                    backup = staging / ".old" / str(i)
+                    backup.parent.mkdir(exist_ok=True)
+                    os.replace(target, backup)
+                    backups[target] = backup
+                os.replace(staging / f.name, target)
+                written.append(target)
+        except BaseException:
+            # A rename failed half-way: put back what was there, so the tree is as before.
+            for target in reversed(written):
+                target.unlink()
+            for target, backup in backups.items():
+                os.replace(backup, target)
+            raise
     finally:
-        for leftover in sorted(staging.rglob("*"), reverse=True):
-            leftover.rmdir() if leftover.is_dir() else leftover.unlink()
-        staging.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
     return written

@@ -456,8 +456,7 @@ def test_environment_value_is_quoted_so_systemd_reads_it_back_exactly(value):
                                                                                     "SECOND=after"]
 
 
-# --- known bugs in config.py (reported; strict xfails turn into failures once fixed) ----------------------------
-@pytest.mark.xfail(strict=True, reason="bug: raw TOML key with a newline is put into the error message")
+# --- values that once slipped through ----------------------------------------------------------------
 @pytest.mark.parametrize("data", [
     {"app": {**BASE, "x\nExecStart=/bin/sh": 1}},
     {"app": BASE, "x\ny": {}},
@@ -468,13 +467,11 @@ def test_keys_with_control_characters_give_one_line_errors(data):
     rejected(data)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the default user (= name) is not validated; name '0' gives User=0")
 @pytest.mark.parametrize("name", ["0", "1000", "a" * 48])
 def test_default_user_from_name_is_validated(name):
     rejected(cfg({"name": name}))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: accepted values that break nginx/systemd at install time")
 @pytest.mark.parametrize("data", [
     cfg(nginx={"static": {"/x": "/"}}),  # alias becomes '' -> "alias ;"
     cfg(nginx={"static": {"/": "/srv/s/"}}),  # duplicate "location /" with the proxy

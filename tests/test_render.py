@@ -241,9 +241,6 @@ def test_write_tree_failure_while_writing_leaves_the_output_untouched(files, exi
     assert snapshot(existing_out) == before  # no new file, old content intact, no temp dir left
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: write_tree's rename phase is not all-or-nothing (files renamed before the "
-                          "failing one stay replaced)")
 def test_write_tree_failure_while_renaming_leaves_the_output_untouched(files, existing_out, monkeypatch):
     before = snapshot(existing_out)
     fail_on_third_call(monkeypatch, os, "replace")
