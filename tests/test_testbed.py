@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import testbed
@@ -86,3 +88,22 @@ def test_trixie_has_newer_systemd(trixie_container: testbed.Container) -> None:
     assert int(first.split()[1]) >= 253, first
     state = trixie_container.run(["systemctl", "is-system-running"], check=False).stdout.strip()
     assert state in ("running", "degraded")
+
+
+def test_stop_with_background_process(testbed_image: Path) -> None:
+    """A still-running popen() must not hang poweroff (nsenter/SIGSTOP trap)."""
+    c = testbed.boot()
+    bg = c.popen(["sleep", "300"])
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    c.stop()
+    assert time.monotonic() - t0 < 10
+    assert bg.poll() is not None
+    assert c._proc is not None and c._proc.poll() is not None
+    assert not c.tmpdir.exists()
+
+
+def test_popen_output(container: testbed.Container) -> None:
+    p = container.popen("sleep 0.2; echo bg-done", stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=10)
+    assert out == "bg-done\n"

@@ -479,6 +479,7 @@ class Container:
         self.binds = list(binds)
         self.cgroups: list[Path] = []
         self._proc: subprocess.Popen[bytes] | None = None
+        self._popens: list[subprocess.Popen] = []  # type: ignore[type-arg]
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -558,9 +559,7 @@ class Container:
         state = ""
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise TestbedError(
-                    f"systemd-nspawn exited with {self._proc.returncode}:\n{self._nspawn_log()}"
-                )
+                raise TestbedError(f"systemd-nspawn exited with {self._proc.returncode}:\n{self._nspawn_log()}")
             if not self.pid1:
                 self.pid1 = _find_container_pid1(self._proc.pid) or 0
             if self.pid1:
@@ -573,8 +572,7 @@ class Container:
                     return
             time.sleep(0.1)
         raise TestbedError(
-            f"{self.name} not running after {BOOT_TIMEOUT}s (state={state!r}, "
-            f"pid1={self.pid1}):\n{self._nspawn_log()}"
+            f"{self.name} not running after {BOOT_TIMEOUT}s (state={state!r}, pid1={self.pid1}):\n{self._nspawn_log()}"
         )
 
     def stop(self) -> None:
@@ -588,6 +586,7 @@ class Container:
         self._stopped = True
         proc = self._proc
         try:
+            self._kill_popens()
             if proc is not None and proc.poll() is None:
                 if self.pid1:
                     with contextlib.suppress(Exception):
@@ -604,6 +603,35 @@ class Container:
             _safe_rmtree(self.tmpdir)
             self._remove_cgroups()
 
+    def _kill_popens(self) -> None:
+        """End every unfinished :meth:`popen` from the inside out.
+
+        Why not just kill nsenter: its child would be orphaned to the HOST's
+        init (nsenter lives outside the pid namespace), and systemd-shutdown
+        then waits ~10 s for that unreaped zombie.  Worse, leaving nsenter
+        alive deadlocks poweroff: systemd-shutdown SIGSTOPs everything in the
+        namespace, nsenter sees its child stop, stops itself, never reaps the
+        child, and the container's PID 1 hangs in zap_pid_ns_processes.  So:
+        SIGKILL the inner process tree (all started by us), let nsenter reap
+        its child and exit, and only kill nsenter as a last resort.
+        """
+        for p in self._popens:
+            if p.poll() is not None:
+                continue
+            todo, tree = [p.pid], []
+            while todo:
+                kids = _children(todo.pop())
+                tree += kids
+                todo += kids
+            for pid in reversed(tree):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+
     def _cgroup_pids(self) -> set[int]:
         pids: set[int] = set()
         for cg in self.cgroups:
@@ -617,6 +645,8 @@ class Container:
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
+        if hasattr(self, "_popens"):
+            self._kill_popens()
         for _ in range(50):
             pids = self._cgroup_pids()
             if not pids:
@@ -628,9 +658,7 @@ class Container:
 
     def _remove_cgroups(self) -> None:
         for cg in self.cgroups:
-            for d in sorted(
-                (p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-            ):
+            for d in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
                 with contextlib.suppress(OSError):
                     d.rmdir()
             with contextlib.suppress(OSError):
@@ -695,14 +723,15 @@ class Container:
             )
         return proc
 
-    def popen(
-        self, cmd: list[str] | str, *, env: dict[str, str] | None = None, **kw: object
-    ) -> subprocess.Popen:  # type: ignore[type-arg]
+    def popen(self, cmd: list[str] | str, *, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen:  # type: ignore[type-arg]
         """Start ``cmd`` inside in the background (e.g. a load generator).
 
-        It dies with the container's pid namespace at the latest.
+        The returned process is the host-side ``nsenter``; :meth:`stop` kills
+        it if still running, and the inner process dies with the container.
         """
-        return subprocess.Popen(self._argv(cmd, env), **kw)  # type: ignore[call-overload]
+        p = subprocess.Popen(self._argv(cmd, env), **kw)  # type: ignore[call-overload]
+        self._popens.append(p)
+        return p
 
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
         """Write through the container (so /tmp and other inner mounts work)."""
