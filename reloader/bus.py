@@ -213,7 +213,8 @@ def _reload_result(unit: Any) -> str:
 
 def _why(e: Exception) -> str:
     text = str(e)
-    if "AccessDenied" in text or "Access denied" in text or "InteractiveAuthorizationRequired" in text:
+    if ("AccessDenied" in text or "Access denied" in text or "Permission denied" in text
+            or "InteractiveAuthorizationRequired" in text):
         return ("permission denied: managing system units needs root (run with sudo) or a polkit rule "
                 "granting org.freedesktop.systemd1.manage-units")
     if "NoSuchUnit" in text:

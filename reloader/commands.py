@@ -179,7 +179,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     if nginx.load_state == "loaded":
         status = _http_status(app)
         if status != 200:
-            raise Failed(f"{app.name}: installed, but {app.health_path} through nginx answered {status}")
+            raise Failed(f"{app.name}: installed, but {app.health_path} through nginx answered {status}; "
+                         f"see journalctl -u {app.service}")
         print(f"{app.name}: installed; {app.health_path} answers 200 through nginx")
     else:
         print(f"{app.name}: installed (nginx.service not found: the site is written but not served)")
@@ -361,6 +362,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
     p.set_defaults(func=cmd_nginx_reload)
+
+    from . import verify
+
+    verify.add_parser(sub)
 
 
 __all__ = ["add_parsers", "ConfigError"]

@@ -91,7 +91,7 @@ def test_service_unit(app, files):
     service = files["flaskapp.service"].content
     assert one(service, "Service", "Type") == "notify"
     assert one(service, "Service", "NotifyAccess") == "exec"
-    assert one(service, "Service", "KillMode") == "mixed"
+    assert one(service, "Service", "KillMode") == "control-group"
     assert one(service, "Service", "Restart") == "on-failure"
     assert int(one(service, "Service", "TimeoutStopSec")) > app.graceful_timeout
     assert one(service, "Service", "ExecReload") == "/usr/bin/reloader exec-reload /etc/reloader/flaskapp.toml"
@@ -299,7 +299,7 @@ def test_systemd_analyze_verify_would_catch_a_broken_unit(app, tmp_path):
     """The check above is not vacuous: an unknown key or an unescaped specifier is reported."""
     write_tree(render(app), tmp_path)
     service = tmp_path / "flaskapp.service"
-    service.write_text(service.read_text().replace("KillMode=mixed", "KillMode=mixed\nBogusKey=1\n"
+    service.write_text(service.read_text().replace("KillMode=control-group", "KillMode=control-group\nBogusKey=1\n"
                                                    'Environment="A=%z"'))
     status, lines = verify_paths(tmp_path, "flaskapp.service")
     assert status != 0
