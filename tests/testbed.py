@@ -52,6 +52,8 @@ CACHE_DIR = Path("/var/cache/reloader-testbed")
 RUN_DIR = Path("/var/tmp/reloader-testbed")
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 CGROUP_PARENT = "reloader-testbed"
+# nspawn leaves these behind when /run is not a tmpfs (as on the CI VM).
+NSPAWN_RUN = Path("/run/systemd/nspawn")
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 
 DEBOOTSTRAP_INCLUDE = ("systemd", "systemd-sysv", "dbus", "ca-certificates")
@@ -481,6 +483,7 @@ class Container:
         self._proc: subprocess.Popen[bytes] | None = None
         self._popens: list[subprocess.Popen] = []  # type: ignore[type-arg]
         self._stopped = False
+        self._root_lock: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -500,6 +503,8 @@ class Container:
                 str(self.root),
             ]
         )
+        st = self.root.stat()
+        self._root_lock = NSPAWN_RUN / f"locks/inode-{st.st_dev}:{st.st_ino}"
         cgroup_procs = []
         for base in CGROUP_ROOTS:
             if not (base / "cgroup.procs").exists():
@@ -602,6 +607,7 @@ class Container:
             _unmount_all(self.tmpdir)
             _safe_rmtree(self.tmpdir)
             self._remove_cgroups()
+            _remove_nspawn_leftovers(self.name, self._root_lock)
 
     def _kill_popens(self) -> None:
         """End every unfinished :meth:`popen` from the inside out.
@@ -761,6 +767,15 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _remove_nspawn_leftovers(name: str, lock: Path | None = None) -> None:
+    """Drop the empty propagate dir and image lock nspawn fails to remove
+    ("Attempted to remove disk file system ... can't allow that")."""
+    with contextlib.suppress(OSError):
+        (NSPAWN_RUN / "propagate" / name).rmdir()
+    if lock is not None:
+        lock.unlink(missing_ok=True)
+
+
 def cleanup_stale(*, kill: bool = False) -> list[str]:
     """Remove leftovers of containers whose creating process died (e.g. a
     SIGKILLed pytest): overlay mounts, temp dirs, cgroups.
@@ -788,7 +803,14 @@ def cleanup_stale(*, kill: bool = False) -> list[str]:
             c._kill_all()
         _safe_rmtree(tmp)
         c._remove_cgroups()
+        _remove_nspawn_leftovers(name)
         removed.append(name)
+    propagate = NSPAWN_RUN / "propagate"
+    for d in propagate.iterdir() if propagate.is_dir() else []:
+        m = re.fullmatch(r"rt-(\d+)-[0-9a-f]+", d.name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return removed
 
 
