@@ -253,7 +253,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from .bus import Systemd
 
     app = _app_for(args.name)
-    tty = sys.stdout.isatty()
+    tty = sys.stderr.isatty()
     with Systemd() as sd:
         before = sd.state(app.service)
         if before.load_state == "masked":
@@ -268,16 +268,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         def progress(elapsed: float) -> None:
             if tty:
                 status = sd.state(app.service).status_text
-                print(f"\r\033[K{app.name}: {elapsed:5.1f} s  {status[:100]}", end="", flush=True)
+                print(f"\r\033[K{app.name}: {elapsed:5.1f} s  {status[:100]}", end="", file=sys.stderr, flush=True)
             elif elapsed - last[0] >= 5:
                 last[0] = elapsed
-                print(f"{app.name}: still reloading after {elapsed:.0f} s", flush=True)
+                print(f"{app.name}: still reloading after {elapsed:.0f} s", file=sys.stderr, flush=True)
 
         started = time.monotonic()
         result = sd.reload_unit(app.service, timeout=timeout, progress=progress)
         took = time.monotonic() - started
         if tty:
-            print("\r\033[K", end="")
+            print("\r\033[K", end="", file=sys.stderr)
         after = sd.state(app.service)
     ok = result == "done" and after.running and after.reload_result in ("success", "")
     report = {

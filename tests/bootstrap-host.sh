@@ -14,6 +14,8 @@ command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need_apt+=(debian-archive-keyring)
 command -v nsenter >/dev/null || need_apt+=(util-linux)
+# Host tests run systemd-analyze verify/security on the rendered units.
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v python3 >/dev/null || need_apt+=(python3)
 # pip downloads the container's wheels on the host.
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
