@@ -323,6 +323,9 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     strategy = rel.string("strategy", "generation")
     if strategy not in STRATEGIES:
         rel.fail("strategy", f"{strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
+    if strategy == "hup" and preload_app:
+        rel.fail("strategy", "'hup' with [gunicorn] preload_app = true never deploys new code (the master keeps "
+                 "the old import); use strategy = \"generation\" or turn preload_app off")
     preflight_timeout = rel.integer("preflight_timeout", 60, 1, 3600)
     ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
     bake_seconds = rel.number("bake_seconds", 2.0, 0, 3600)

@@ -482,3 +482,9 @@ def test_default_user_from_name_is_validated(name):
         "socket-is-a-directory"])
 def test_values_that_break_the_rendered_files_are_refused(data):
     rejected(data)
+
+
+def test_hup_with_preload_is_refused_because_it_would_never_deploy() -> None:
+    assert_rejected(cfg(gunicorn={"preload_app": True}, reload={"strategy": "hup"}),
+                    "[reload] strategy", "never deploys new code")
+    assert parse(cfg(gunicorn={"preload_app": True})).strategy == "generation"

@@ -255,3 +255,22 @@ def test_nginx_reload_is_verified_and_refuses_a_bad_config(container) -> None:
     report = app.stop_load(load)
     assert report["failures"] == {}, report["summary"]
     assert report["total"] > 0
+
+
+def test_a_virtualenv_switched_by_symlink_is_picked_up(container) -> None:
+    """gunicorn re-execs its resolved interpreter; the generated pre_exec hook execs the configured path."""
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    app.c.run("cp -a /opt/venv /opt/venv2 && "
+              "echo 'NAME = \"venv2\"' > $(ls -d /opt/venv2/lib/python3*/site-packages)/venv_marker.py")
+    marker = ("\ntry:\n    import venv_marker\n    VERSION = VERSION + '-' + venv_marker.NAME\n"
+              "except ImportError:\n    pass\n")
+    app.ship("v2", extra=marker)
+    assert app.reload().returncode == 0
+    assert app.version() == "v2", "the old venv is still in use"
+    app.c.run("ln -sfn /opt/venv2 /srv/flaskapp/venv.new && mv -T /srv/flaskapp/venv.new /srv/flaskapp/venv")
+    app.ship("v3", extra=marker)
+    r = app.reload()
+    assert r.returncode == 0, (r.stderr, app.journal(20))
+    assert app.version() == "v3-venv2"

@@ -21,6 +21,7 @@ errorlog = "-"
 loglevel = "info"
 
 _READY_DIR = '/run/flaskapp/ready'
+_PYTHON = '/srv/flaskapp/venv/bin/python3'
 
 def _mark(master_pid, name, text=""):
     directory = os.path.join(_READY_DIR, str(master_pid))
@@ -31,8 +32,15 @@ def _mark(master_pid, name, text=""):
     os.replace(path + ".tmp", path)
 
 def pre_exec(server):
-    """USR2 re-exec with systemd's sockets: gunicorn passes LISTEN_FDS=n but its listeners are dup()ed,
-    close-on-exec copies, not fds 3..3+n-1. Put them where sd_listen_fds() looks, inheritable."""
+    """Runs in the forked child just before USR2 re-execs the new master.
+
+    gunicorn re-execs sys.executable, which is already resolved into the *old* virtualenv; exec the
+    configured path instead, so a virtualenv symlink switched to a new venv is picked up.
+    With systemd's sockets, gunicorn passes LISTEN_FDS=n but its listeners are dup()ed close-on-exec
+    copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
+    if os.path.exists(_PYTHON):
+        server.START_CTX[0] = _PYTHON
+        server.START_CTX["args"][0] = _PYTHON
     if not getattr(server, "systemd", False):
         return
     high = [os.dup(lnr.fileno()) for lnr in server.LISTENERS]
