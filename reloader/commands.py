@@ -131,7 +131,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     if os.geteuid() != 0 and not args.dry_run:
         raise Failed("install writes /etc and manages system units: run it as root (sudo)")
     with Systemd() as sd:
-        notify_reload = sd.version >= 253 and args.notify_reload
+        notify_reload = sd.version >= 253 and not args.no_notify_reload
         files = _planned_files(app, config_text, notify_reload)
         changes = {f.install_path: _diff(f.install_path, f.content) for f in files}
         changed = [p for p, d in changes.items() if d]
@@ -154,9 +154,9 @@ def cmd_install(args: argparse.Namespace) -> int:
                     "files": {f.install_path: hashlib.sha256(f.content.encode()).hexdigest() for f in files},
                     "units": [app.service] + ([app.socket_unit] if app.socket_activation else [])}
         _write_atomic(_manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
-        sd.daemon_reload()
         units = manifest["units"]
-        sd.enable(units)
+        sd.enable(units)  # before daemon-reload, so systemd loads the units with their new symlinks
+        sd.daemon_reload()
         timeout = app.ready_timeout + app.preflight_timeout + 60
         if app.socket_activation:
             _job_ok(sd, app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
@@ -337,7 +337,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("install", help="render CONFIG, install its units and nginx site, start or reload it")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
-    p.add_argument("--notify-reload", action="store_true", help="use Type=notify-reload where systemd >= 253")
+    p.add_argument("--no-notify-reload", action="store_true",
+                   help="use Type=notify even where systemd >= 253 supports Type=notify-reload")
     p.set_defaults(func=cmd_install)
 
     for alias in ("deploy", "reload"):

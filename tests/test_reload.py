@@ -274,3 +274,24 @@ def test_a_virtualenv_switched_by_symlink_is_picked_up(container) -> None:
     r = app.reload()
     assert r.returncode == 0, (r.stderr, app.journal(20))
     assert app.version() == "v3-venv2"
+
+
+def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
+    """On systemd >= 253 `reloader install` renders Type=notify-reload; reloads keep every guarantee."""
+    app = App(trixie_container)
+    app.install()
+    assert app.wait_version("v1")
+    unit = app.c.read_file("/etc/systemd/system/flaskapp.service")
+    assert "Type=notify-reload" in unit and "ReloadSignal=SIGWINCH" in unit
+    load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
+    for n in (2, 3, 4):
+        before, after = reload_to(app, f"v{n}")
+        assert after["MainPID"] != before
+    app.ship(code="import nosuchmodule\n")
+    r = app.reload()
+    props = app.props()
+    assert r.returncode != 0 and props["SubState"] == "running", props
+    assert "ModuleNotFoundError" in props["StatusText"]
+    assert app.version() == "v4"
+    assert_no_failures(app.stop_load(load))
+    assert "changed on disk" not in r.stderr
