@@ -24,6 +24,8 @@ from .errors import Failed
 from .render import NGINX_DROPIN, RenderedFile, render
 
 STATE_DIR = Path("/var/lib/reloader")
+#: Oldest systemd reloader is known to work with (Debian 11's; 252 and 257 are tested).
+MIN_SYSTEMD = 247
 
 
 # --- hooks (run by systemd) -----------------------------------------------------------------------------
@@ -131,6 +133,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     if os.geteuid() != 0 and not args.dry_run:
         raise Failed("install writes /etc and manages system units: run it as root (sudo)")
     with Systemd() as sd:
+        if sd.version < MIN_SYSTEMD:
+            raise Failed(f"systemd {sd.version} is too old: reloader needs {MIN_SYSTEMD} or newer "
+                         "(MAINPID= hand-over from ExecReload=, ReloadResult)")
         notify_reload = sd.version >= 253 and not args.no_notify_reload
         files = _planned_files(app, config_text, notify_reload)
         changes = {f.install_path: _diff(f.install_path, f.content) for f in files}
