@@ -54,8 +54,11 @@ class App:
         self.release = 0
 
     # --- set-up -----------------------------------------------------------------------------------------
-    def install(self, config: str = "/src/examples/flaskapp.toml", **release: str) -> subprocess.CompletedProcess:
-        self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+    def install(self, config: str = "/src/examples/flaskapp.toml", *, wrapper: bool = True,
+                **release: str) -> subprocess.CompletedProcess:
+        """*wrapper*: write /usr/bin/reloader running the checkout; False when a .deb installed it."""
+        if wrapper:
+            self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
         self.c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
         self.ship(**release)
         return self.c.run(["reloader", "install", config], timeout=240)
