@@ -42,7 +42,8 @@ class UnitState:
 
     @property
     def running(self) -> bool:
-        return self.active_state == "active" and self.sub_state in ("running", "listening")
+        # "exited": a oneshot with RemainAfterExit= (the blue-green/rolling controller) that is up.
+        return self.active_state == "active" and self.sub_state in ("running", "listening", "exited")
 
 
 class Systemd:

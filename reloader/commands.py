@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,10 @@ def cmd_exec_reload(args: argparse.Namespace) -> int:
     from .swap import Notifier, Swap
 
     app = load(args.config)
+    if app.multi_instance:
+        from . import fleet
+
+        return fleet.run(app, "deploy")
     notifier = Notifier(app.name)
     bus = None
 
@@ -54,6 +59,44 @@ def cmd_exec_reload(args: argparse.Namespace) -> int:
     finally:
         if bus is not None:
             bus.close()
+
+
+def cmd_instances_start(args: argparse.Namespace) -> int:
+    """``ExecStart=`` of a blue-green/rolling controller unit: bring the live instances up."""
+    from . import fleet
+
+    return fleet.run(load(args.config), "start")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Blue-green: switch back to the previous colour (during a deploy's bake, or after it)."""
+    from . import fleet
+    from .bus import Systemd
+    from .swap import Notifier, Refused, _try_lock
+
+    app = _app_for(args.name)
+    if app.strategy != "blue-green":
+        raise Failed(f"{app.name} uses strategy {app.strategy!r}; rollback is for blue-green (deploy the "
+                     "previous release instead)")
+    lock = Path(app.state_dir) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f, Systemd() as sd:
+        if not _try_lock(f):
+            # A deploy is running: ask its bake to switch back, and wait for the reload job to end.
+            (Path(app.state_dir) / "rollback-request").write_text("1\n")
+            print(f"{app.name}: a deploy is running; asked it to switch back")
+            deadline = time.monotonic() + app.ready_timeout + app.graceful_timeout + 60
+            while sd.state(app.service).active_state == "reloading" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            st = sd.state(app.service)
+            print(f"{app.name}: {st.status_text}")
+            return 0 if "rolled back" in st.status_text else 1
+        try:
+            summary = fleet.Fleet(app, sd, Notifier(app.name)).rollback()
+        except Refused as e:
+            raise Failed(f"{app.name}: rollback refused: {e}") from None
+    print(f"{app.name}: rolled back; {summary}")
+    return 0
 
 
 def cmd_nginx_reload(args: argparse.Namespace) -> int:
@@ -138,7 +181,8 @@ def cmd_install(args: argparse.Namespace) -> int:
                          "(MAINPID= hand-over from ExecReload=, ReloadResult)")
         notify_reload = sd.version >= 253 and not args.no_notify_reload
         files = _planned_files(app, config_text, notify_reload)
-        changes = {f.install_path: _diff(f.install_path, f.content) for f in files}
+        changes = {f.install_path: _diff(f.install_path, f.content) for f in files
+                   if not (f.seed and Path(f.install_path).exists())}
         changed = [p for p, d in changes.items() if d]
         service = sd.state(app.service)
         if args.dry_run:
@@ -155,15 +199,18 @@ def cmd_install(args: argparse.Namespace) -> int:
         for f in files:
             if f.install_path in changed:
                 _write_atomic(Path(f.install_path), f.content, f.mode)
+        units = [app.service] + ([app.socket_unit] if app.socket_activation and not app.multi_instance else [])
         manifest = {"name": app.name, "config": app.config_path, "installed": time.time(),
                     "files": {f.install_path: hashlib.sha256(f.content.encode()).hexdigest() for f in files},
-                    "units": [app.service] + ([app.socket_unit] if app.socket_activation else [])}
+                    "units": units}
+        if app.multi_instance:
+            manifest["state_dir"] = app.state_dir
         _write_atomic(_manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
-        units = manifest["units"]
         sd.enable(units)  # before daemon-reload, so systemd loads the units with their new symlinks
         sd.daemon_reload()
-        timeout = app.ready_timeout + app.preflight_timeout + 60
-        if app.socket_activation:
+        timeout = app.preflight_timeout + max(1, len(app.instance_names)) * (app.ready_timeout + app.graceful_timeout
+                                                                            + 60)
+        if app.socket_activation and not app.multi_instance:
             _job_ok(sd, app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
         if service.running:
             print(f"{app.name}: reloading the running service")
@@ -234,6 +281,9 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
             if path not in shared_elsewhere:
                 Path(path).unlink(missing_ok=True)
                 print(f"removed {path}")
+        if manifest.get("state_dir"):
+            shutil.rmtree(manifest["state_dir"], ignore_errors=True)
+            print(f"removed {manifest['state_dir']}/")
         dropin_dir = Path(NGINX_DROPIN).parent
         if dropin_dir.is_dir() and not any(dropin_dir.iterdir()):
             dropin_dir.rmdir()
@@ -315,15 +365,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name in names:
             app = _app_for(name)
             st = sd.state(app.service)
-            sock = sd.state(app.socket_unit) if app.socket_activation else None
-            rows.append({
+            sock = sd.state(app.socket_unit) if app.socket_activation and not app.multi_instance else None
+            row = {
                 "name": name, "service": st.active_state + "/" + st.sub_state, "load_state": st.load_state,
                 "socket": (sock.active_state + "/" + sock.sub_state) if sock else None,
                 "main_pid": st.main_pid, "workers": len(proc.children(st.main_pid)) if st.main_pid else 0,
                 "reload_result": st.reload_result, "status": st.status_text,
                 "release": os.path.basename(os.path.realpath(app.working_directory)),
                 "strategy": app.strategy,
-            })
+            }
+            if app.multi_instance:
+                row["instances"] = _instances(app, sd)
+                row["live"] = [i["instance"] for i in row["instances"] if i["live"]]
+                row["workers"] = sum(i["workers"] for i in row["instances"] if i["live"])
+            rows.append(row)
     if args.json:
         print(json.dumps(rows if not args.name else rows[0], indent=2))
     else:
@@ -332,10 +387,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['name']}: {r['service']} (socket {r['socket'] or 'none'}), MainPID {r['main_pid']}, "
                   f"{r['workers']} workers, release {r['release']}, last reload {r['reload_result'] or '-'}")
+            for i in r.get("instances", []):
+                print(f"  {i['unit']}: {i['state']}{' (live)' if i['live'] else ''}, release {i['release'] or '-'}, "
+                      f"MainPID {i['main_pid']}, {i['workers']} workers")
             if r["status"]:
                 print(f"  {r['status']}")
     bad = [r for r in rows if not r["service"].startswith("active")]
     return 1 if bad else 0
+
+
+def _instances(app: AppConfig, sd: object) -> list[dict]:
+    from . import proc
+    from .fleet import Fleet
+
+    fleet = Fleet(app, sd, None)  # type: ignore[arg-type]
+    live = fleet.state()["live"]
+    out = []
+    for instance in app.instance_names:
+        st = sd.state(app.instance_unit(instance))  # type: ignore[attr-defined]
+        out.append({"instance": instance, "unit": app.instance_unit(instance), "live": instance in live,
+                    "state": f"{st.active_state}/{st.sub_state}", "main_pid": st.main_pid,
+                    "workers": len(proc.children(st.main_pid)) if st.main_pid else 0,
+                    "release": os.path.basename(fleet.pinned(instance))})
+    return out
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -365,6 +439,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("exec-reload", help="(systemd hook) the app service's ExecReload=")
     p.add_argument("config", metavar="CONFIG")
     p.set_defaults(func=cmd_exec_reload)
+
+    p = sub.add_parser("rollback", help="blue-green: switch NAME back to the previous colour")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("instances-start", help="(systemd hook) blue-green/rolling controller's ExecStart=")
+    p.add_argument("config", metavar="CONFIG")
+    p.set_defaults(func=cmd_instances_start)
 
     p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
     p.set_defaults(func=cmd_nginx_reload)

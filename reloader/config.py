@@ -18,7 +18,11 @@ from typing import Any
 #: Where ``reloader install`` puts an app's config; the units' ``ExecReload=`` points here.
 CONFIG_DIR = Path("/etc/reloader")
 
-STRATEGIES = ("generation", "hup")
+STRATEGIES = ("generation", "hup", "blue-green", "rolling")
+#: Strategies that run several instances (NAME@INSTANCE.service) behind one nginx upstream.
+MULTI_INSTANCE = ("blue-green", "rolling")
+#: Where reloader keeps per-app state: the nginx upstream include and each instance's pinned release.
+STATE_DIR = Path("/var/lib/reloader")
 
 
 class ConfigError(Exception):
@@ -83,6 +87,7 @@ class AppConfig:
     preflight_timeout: int = 60
     ready_timeout: int = 120
     bake_seconds: float = 2.0
+    instances: int = 3
     helper: str = "/usr/bin/reloader"
     nginx: NginxConfig = field(default_factory=NginxConfig)
 
@@ -116,6 +121,42 @@ class AppConfig:
     def gunicorn_config_path(self) -> str:
         return str(CONFIG_DIR / f"{self.name}.gunicorn.conf.py")
 
+    # --- several instances (strategy blue-green or rolling) ---------------------------------------------
+    @property
+    def multi_instance(self) -> bool:
+        return self.strategy in MULTI_INSTANCE
+
+    @property
+    def instance_names(self) -> tuple[str, ...]:
+        if self.strategy == "blue-green":
+            return ("blue", "green")
+        if self.strategy == "rolling":
+            return tuple(str(i) for i in range(1, self.instances + 1))
+        return ()
+
+    def instance_unit(self, instance: str) -> str:
+        return f"{self.name}@{instance}.service"
+
+    def instance_socket(self, instance: str) -> str:
+        base = self.socket[: -len(".sock")] if self.socket.endswith(".sock") else self.socket
+        return f"{base}-{instance}.sock"
+
+    def instance_runtime_dir(self, instance: str) -> str:
+        return f"/run/{self.name}-{instance}"
+
+    @property
+    def state_dir(self) -> str:
+        return str(STATE_DIR / self.name)
+
+    def instance_link(self, instance: str) -> str:
+        """The symlink naming the release an instance runs (its WorkingDirectory)."""
+        return f"{self.state_dir}/instances/{instance}"
+
+    @property
+    def upstream_path(self) -> str:
+        """The nginx include listing the instances that get traffic (rewritten by reloads)."""
+        return f"{self.state_dir}/upstream.conf"
+
     @property
     def python(self) -> str:
         """The interpreter that runs the app (and the pre-flight)."""
@@ -137,7 +178,7 @@ _GUNICORN_KEYS = {
     "workers", "worker_class", "threads", "timeout", "graceful_timeout", "preload_app", "socket",
     "socket_activation",
 }
-_RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "helper"}
+_RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "instances", "helper"}
 _NGINX_KEYS = {"server_name", "listen", "client_max_body_size", "static", "proxy_read_timeout", "user"}
 _SECTIONS = {"app": _APP_KEYS, "gunicorn": _GUNICORN_KEYS, "reload": _RELOAD_KEYS, "nginx": _NGINX_KEYS}
 
@@ -326,6 +367,14 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     if strategy == "hup" and preload_app:
         rel.fail("strategy", "'hup' with [gunicorn] preload_app = true never deploys new code (the master keeps "
                  "the old import); use strategy = \"generation\" or turn preload_app off")
+    if strategy in MULTI_INSTANCE and not socket_activation:
+        rel.fail("strategy", f"{strategy!r} needs [gunicorn] socket_activation = true (each instance gets its "
+                 "own socket unit)")
+    instances = rel.integer("instances", 3, 2, 32)
+    if rel.has("instances") and strategy != "rolling":
+        rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
+    if strategy in MULTI_INSTANCE and len(f"{socket}-{instances}".encode()) > 107:
+        gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
     preflight_timeout = rel.integer("preflight_timeout", 60, 1, 3600)
     ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
     bake_seconds = rel.number("bake_seconds", 2.0, 0, 3600)
@@ -339,7 +388,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         threads=threads, timeout=timeout, graceful_timeout=graceful_timeout, preload_app=preload_app,
         socket=socket, socket_activation=socket_activation, health_path=health_path, environment=environment,
         environment_file=environment_file, strategy=strategy, preflight_timeout=preflight_timeout,
-        ready_timeout=ready_timeout, bake_seconds=bake_seconds, helper=helper, nginx=nginx,
+        ready_timeout=ready_timeout, bake_seconds=bake_seconds, instances=instances, helper=helper, nginx=nginx,
     )
 
 

@@ -28,6 +28,8 @@ class RenderedFile:
     install_path: str  #: absolute path on the target system
     content: str
     mode: int = 0o644
+    #: Runtime state seeded at install (e.g. the live nginx upstream): written only when missing.
+    seed: bool = False
 
 
 def templates_dir() -> Path:
@@ -85,19 +87,37 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
 
     def get(template: str, **extra: object) -> str:
         text = env.get_template(template).render(app=app, **extra)
-        return re.sub(r"\n{3,}", "\n\n", text)
+        # Jinja blocks leave blank runs in unit files; Python keeps its PEP 8 double blank lines.
+        return text if template.endswith(".py.j2") else re.sub(r"\n{3,}", "\n\n", text)
 
-    files = [
-        RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path, get("gunicorn.conf.py.j2")),
-        RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}",
-                     get("service.j2", service_type="notify-reload" if notify_reload else "notify")),
-    ]
-    if app.socket_activation:
-        files.append(RenderedFile(f"{app.name}.socket", f"{UNIT_DIR}/{app.socket_unit}", get("socket.j2")))
-    files.append(RenderedFile(f"{app.name}.nginx.conf", f"{NGINX_SITE_DIR}/{app.name}.conf", get("nginx-site.j2")))
+    files = [RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path, get("gunicorn.conf.py.j2"))]
+    if app.multi_instance:
+        files += [
+            RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}", get("controller.j2")),
+            RenderedFile(f"{app.name}@.service", f"{UNIT_DIR}/{app.name}@.service", get("instance.j2")),
+            RenderedFile(f"{app.name}@.socket", f"{UNIT_DIR}/{app.name}@.socket", get("instance-socket.j2")),
+            RenderedFile(f"{app.name}.upstream.conf", app.upstream_path, upstream(app, initial_live(app)), seed=True),
+        ]
+    else:
+        files.append(RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}",
+                                  get("service.j2", service_type="notify-reload" if notify_reload else "notify")))
+        if app.socket_activation:
+            files.append(RenderedFile(f"{app.name}.socket", f"{UNIT_DIR}/{app.socket_unit}", get("socket.j2")))
+    files.append(RenderedFile(f"{app.name}.nginx.conf", f"{NGINX_SITE_DIR}/{app.name}.conf",
+                              get("nginx-site.j2")))
     files.append(RenderedFile("nginx.service.d/reloader.conf", NGINX_DROPIN,
                               env.get_template("nginx-dropin.j2").render(helper=app.helper)))
     return files
+
+
+def initial_live(app: AppConfig) -> tuple[str, ...]:
+    """Instances serving right after install: blue for blue-green, all of them when rolling."""
+    return app.instance_names[:1] if app.strategy == "blue-green" else app.instance_names
+
+
+def upstream(app: AppConfig, live: tuple[str, ...], down: tuple[str, ...] = ()) -> str:
+    """The nginx upstream include naming the instances in *live* (those in *down* marked down)."""
+    return _environment().get_template("upstream.j2").render(app=app, live=live, down=down)
 
 
 def write_tree(files: list[RenderedFile], out: Path) -> list[Path]:

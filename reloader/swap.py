@@ -154,34 +154,7 @@ class Swap:
                     _rmtree(entry)
 
     def preflight(self) -> None:
-        app = self.app
-        self.n.status(f"pre-flight: importing {app.wsgi} from {self.release()} and requesting {app.health_path}")
-        script = Path(__file__).with_name("preflight.py")
-        try:
-            p = subprocess.Popen([app.python, str(script), app.wsgi, app.health_path], cwd=app.working_directory,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        except OSError as e:
-            raise Refused(f"cannot run the pre-flight with {app.python}: {e.strerror}") from None
-        deadline = time.monotonic() + app.preflight_timeout
-        out = err = ""
-        while True:
-            try:
-                out, err = p.communicate(timeout=1)
-                break
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.communicate()
-                    raise Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
-                                  "(a hanging import? raise preflight_timeout if the app is just slow)") from None
-                self.n.extend()
-        result = _last_json(out)
-        if result is None:
-            tail = " ".join(err.strip().splitlines()[-1:]) or f"exit status {p.returncode}"
-            raise Refused(f"pre-flight crashed: {tail}")
-        if not result.get("ok"):
-            raise Refused(str(result.get("error")))
-        self.n.status(f"pre-flight passed: {app.health_path} answered {result.get('status')}")
+        preflight(self.app, self.n)
 
     def spawn_new_generation(self) -> None:
         self.n.status(f"starting a new generation next to master {self.old} (USR2)")
@@ -273,24 +246,13 @@ class Swap:
 
     # --- helpers ----------------------------------------------------------------------------------
     def release(self) -> str:
-        return os.path.basename(os.path.realpath(self.app.working_directory))
+        return release_of(self.app)
 
     def _ready_workers(self, master: int) -> set[int]:
-        directory = self.ready_dir / str(master)
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return set()
-        pids = {int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()}
-        return {p for p in pids if proc.alive(p) and proc.ppid(p) == master}
+        return ready_workers(self.ready_dir, master)
 
     def _exits(self, master: int) -> set[int]:
-        """Workers of *master* that have exited (recorded by the child_exit hook)."""
-        try:
-            names = os.listdir(self.ready_dir / str(master))
-        except OSError:
-            return set()
-        return {int(n[5:]) for n in names if n.startswith("exit-") and n[5:].isdigit()}
+        return worker_exits(self.ready_dir, master)
 
     def _next_generation(self) -> int:
         path = Path(self.app.runtime_dir) / "generation"
@@ -312,6 +274,67 @@ class Swap:
             if not proc.wait_for(lambda: _try_lock(f), self.app.ready_timeout, interval=0.2, tick=self.n.extend):
                 raise Refused("another reload of this app is still running")
             yield
+
+
+def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False) -> None:
+    """Import the release and request its health path in a throwaway process; raise Refused if it fails.
+
+    Run by the ExecReload= of the app's own unit it already has the unit's user, environment and sandbox;
+    *as_app_user* drops from root to the app's user first (the blue-green/rolling controller runs as root).
+    """
+    n.status(f"pre-flight: importing {app.wsgi} from {release_of(app)} and requesting {app.health_path}")
+    script = Path(__file__).with_name("preflight.py")
+    drop = {"user": app.user, "group": app.group, "extra_groups": []} if as_app_user else {}
+    try:
+        p = subprocess.Popen([app.python, str(script), app.wsgi, app.health_path], cwd=app.working_directory,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             **drop)
+    except OSError as e:
+        raise Refused(f"cannot run the pre-flight with {app.python}: {e.strerror}") from None
+    deadline = time.monotonic() + app.preflight_timeout
+    out = err = ""
+    while True:
+        try:
+            out, err = p.communicate(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+                raise Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
+                              "(a hanging import? raise preflight_timeout if the app is just slow)") from None
+            n.extend()
+    result = _last_json(out)
+    if result is None:
+        tail = " ".join(err.strip().splitlines()[-1:]) or f"exit status {p.returncode}"
+        raise Refused(f"pre-flight crashed: {tail}")
+    if not result.get("ok"):
+        raise Refused(str(result.get("error")))
+    n.status(f"pre-flight passed: {app.health_path} answered {result.get('status')}")
+
+
+def release_of(app: AppConfig) -> str:
+    """The release the working directory points at (the basename of its resolved path)."""
+    return os.path.basename(os.path.realpath(app.working_directory))
+
+
+def ready_workers(ready_dir: Path, master: int) -> set[int]:
+    """Workers of *master* that have loaded the app (marked by the post_worker_init hook) and live."""
+    try:
+        names = os.listdir(ready_dir / str(master))
+    except OSError:
+        return set()
+    pids = {int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()}
+    return {p for p in pids if proc.alive(p) and proc.ppid(p) == master}
+
+
+def worker_exits(ready_dir: Path, master: int) -> set[int]:
+    """Workers of *master* that have exited (recorded by the child_exit hook)."""
+    try:
+        names = os.listdir(ready_dir / str(master))
+    except OSError:
+        return set()
+    return {int(n[5:]) for n in names if n.startswith("exit-") and n[5:].isdigit()}
 
 
 def _try_lock(f: object) -> bool:
@@ -358,9 +381,9 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-def _health(app: AppConfig, timeout: float = 5.0) -> tuple[int, str]:
+def _health(app: AppConfig, timeout: float = 5.0, socket_path: str = "") -> tuple[int, str]:
     """GET the health path through the app's socket: (HTTP status, "") or (0, why there was no answer)."""
-    conn = _UnixHTTPConnection(app.socket, timeout)
+    conn = _UnixHTTPConnection(socket_path or app.socket, timeout)
     try:
         host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
         conn.request("GET", app.health_path, headers={"Host": host, "User-Agent": "reloader-bake"})

@@ -242,8 +242,14 @@ REJECTIONS = [
     case("socket-outside-runtime-dir-without-activation", "[gunicorn] socket", "must be inside /run/myapp/",
          gunicorn={"socket_activation": False, "socket": "/run/myapp.sock"}),
     # reload strategy
-    case("strategy-unknown", "[reload] strategy", "'rolling' is not a strategy; use one of generation, hup",
-         reload={"strategy": "rolling"}),
+    case("strategy-unknown", "[reload] strategy",
+         "'canary' is not a strategy; use one of generation, hup, blue-green, rolling",
+         reload={"strategy": "canary"}),
+    case("multi-instance-needs-activation", "[reload] strategy", "needs [gunicorn] socket_activation = true",
+         reload={"strategy": "blue-green"}, gunicorn={"socket_activation": False, "socket": "/run/myapp/g.sock"}),
+    case("instances-only-rolling", "[reload] instances", "only applies to strategy",
+         reload={"strategy": "blue-green", "instances": 3}),
+    case("instances-range", "[reload] instances", "out of range", reload={"strategy": "rolling", "instances": 1}),
     # nginx
     case("server_name-space", "[nginx] server_name", "'a.com b.com' is not valid: server names",
          nginx={"server_name": "a.com b.com"}),

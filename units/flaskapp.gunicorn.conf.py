@@ -20,8 +20,10 @@ accesslog = None
 errorlog = "-"
 loglevel = "info"
 
-_READY_DIR = '/run/flaskapp/ready'
+# Instances (NAME@INSTANCE.service) each have their own runtime directory.
+_READY_DIR = os.environ.get("RELOADER_READY_DIR", '/run/flaskapp/ready')
 _PYTHON = '/srv/flaskapp/venv/bin/python3'
+
 
 def _mark(master_pid, name, text=""):
     directory = os.path.join(_READY_DIR, str(master_pid))
@@ -30,6 +32,7 @@ def _mark(master_pid, name, text=""):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
 
 def pre_exec(server):
     """Runs in the forked child just before USR2 re-execs the new master.
@@ -48,13 +51,16 @@ def pre_exec(server):
         os.dup2(fd, 3 + i, inheritable=True)
         os.close(fd)
 
+
 def when_ready(server):
     """The master is listening: record it so the helper can tell a live master from a booting one."""
     _mark(server.pid, "master", str(server.pid))
 
+
 def post_worker_init(worker):
     """The worker has imported the app (not merely forked)."""
     _mark(worker.ppid, f"worker-{worker.pid}", str(worker.pid))
+
 
 def child_exit(server, worker):
     """Runs in the master when a worker died: a new generation that loses workers fails its bake."""
@@ -63,6 +69,7 @@ def child_exit(server, worker):
         os.unlink(os.path.join(_READY_DIR, str(server.pid), f"worker-{worker.pid}"))
     except OSError:
         pass
+
 
 def on_exit(server):
     import shutil
