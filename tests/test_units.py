@@ -22,6 +22,9 @@ def committed() -> dict[str, bytes]:
 
 def test_units_equal_a_fresh_render_byte_for_byte():
     fresh = {f.name: f.content.encode("utf-8") for f in render(load(ROOT / "examples" / "flaskapp.toml"))}
+    for strategy in ("blue-green", "rolling"):
+        for f in render(load(ROOT / "examples" / f"flaskapp-{strategy}.toml")):
+            fresh[f"{strategy}/{f.name}"] = f.content.encode("utf-8")
     current = committed()
     assert sorted(current) == sorted(fresh), f"{HINT} (files differ: {sorted(set(current) ^ set(fresh))})"
     for name, content in fresh.items():

@@ -1,0 +1,77 @@
+# Gunicorn settings for flaskapp, generated from flaskapp-rolling.toml by reloader.
+# The hooks below record, per master, which workers have *loaded the app*: the reload helper waits for
+# all of them before it hands MAINPID over and retires the old generation.
+import os
+
+wsgi_app = 'app:app'
+chdir = '/srv/flaskapp/current'
+# The listening socket comes from flaskapp.socket (LISTEN_FDS); this bind is only a fallback.
+bind = ['unix:/run/flaskapp.sock']
+workers = 2
+worker_class = 'sync'
+threads = 1
+timeout = 30
+graceful_timeout = 30
+preload_app = False
+pidfile = '/run/flaskapp/gunicorn.pid'
+# Control via signals and systemd only; the default control socket would go to $HOME.
+control_socket_disable = True
+accesslog = None
+errorlog = "-"
+loglevel = "info"
+
+# Instances (NAME@INSTANCE.service) each have their own runtime directory.
+_READY_DIR = os.environ.get("RELOADER_READY_DIR", '/run/flaskapp/ready')
+_PYTHON = '/srv/flaskapp/venv/bin/python3'
+
+
+def _mark(master_pid, name, text=""):
+    directory = os.path.join(_READY_DIR, str(master_pid))
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def pre_exec(server):
+    """Runs in the forked child just before USR2 re-execs the new master.
+
+    gunicorn re-execs sys.executable, which is already resolved into the *old* virtualenv; exec the
+    configured path instead, so a virtualenv symlink switched to a new venv is picked up.
+    With systemd's sockets, gunicorn passes LISTEN_FDS=n but its listeners are dup()ed close-on-exec
+    copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
+    if os.path.exists(_PYTHON):
+        server.START_CTX[0] = _PYTHON
+        server.START_CTX["args"][0] = _PYTHON
+    if not getattr(server, "systemd", False):
+        return
+    high = [os.dup(lnr.fileno()) for lnr in server.LISTENERS]
+    for i, fd in enumerate(high):
+        os.dup2(fd, 3 + i, inheritable=True)
+        os.close(fd)
+
+
+def when_ready(server):
+    """The master is listening: record it so the helper can tell a live master from a booting one."""
+    _mark(server.pid, "master", str(server.pid))
+
+
+def post_worker_init(worker):
+    """The worker has imported the app (not merely forked)."""
+    _mark(worker.ppid, f"worker-{worker.pid}", str(worker.pid))
+
+
+def child_exit(server, worker):
+    """Runs in the master when a worker died: a new generation that loses workers fails its bake."""
+    _mark(server.pid, f"exit-{worker.pid}", str(worker.pid))
+    try:
+        os.unlink(os.path.join(_READY_DIR, str(server.pid), f"worker-{worker.pid}"))
+    except OSError:
+        pass
+
+
+def on_exit(server):
+    import shutil
+
+    shutil.rmtree(os.path.join(_READY_DIR, str(server.pid)), ignore_errors=True)
