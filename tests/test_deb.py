@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import appbed
@@ -164,6 +165,10 @@ def test_deb_contents_and_metadata(reloader_deb: Path) -> None:
     templates = sorted(p for p in paths if p.startswith("/usr/lib/python3/dist-packages/reloader/templates/"))
     assert {Path(t).name for t in templates} >= {"service.j2", "socket.j2", "gunicorn.conf.py.j2",
                                                   "nginx-site.j2", "nginx-dropin.j2"}
+    # One version everywhere: debian/changelog (the .deb), pyproject.toml and `reloader --version`.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("version")
+    init = re.search(r'^__version__ = "([^"]+)"', (ROOT / "reloader/__init__.py").read_text(), re.M)[1]
+    assert _version(ROOT) == init and pyproject in (None, init), (_version(ROOT), init, pyproject)
     # No unit of its own, nothing in /etc: the units belong to the apps.
     assert not [p for p in paths if re.match(r"/(usr/)?lib/systemd/|/etc/", p)], paths
 
@@ -203,7 +208,7 @@ def test_apt_install_reload_remove_purge_reinstall_upgrade(reloader_deb: Path, u
                       env={"PYTHONSAFEPATH": "1"}).stdout.split()
         assert where == ["/usr/lib/python3/dist-packages/reloader/render.py",
                          "/usr/lib/python3/dist-packages/reloader/templates"], where
-        assert c.run(["reloader", "--version"]).stdout.strip().startswith("reloader ")
+        assert c.run(["reloader", "--version"]).stdout.strip() == f"reloader {_version(ROOT)}"
         assert c.run(["test", "-s", "/usr/share/man/man1/reloader.1.gz"], check=False).returncode == 0
         assert c.run("systemctl list-units --all --no-legend '*reloader*'").stdout.strip() == ""
 
