@@ -68,6 +68,13 @@ def cmd_instances_start(args: argparse.Namespace) -> int:
     return fleet.run(load(args.config), "start")
 
 
+def cmd_instances_stop(args: argparse.Namespace) -> int:
+    """``ExecStop=`` of a blue-green/rolling controller unit: stop every instance and wait."""
+    from . import fleet
+
+    return fleet.run(load(args.config), "stop")
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Blue-green: switch back to the previous colour (during a deploy's bake, or after it)."""
     from . import fleet
@@ -447,6 +454,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("instances-start", help="(systemd hook) blue-green/rolling controller's ExecStart=")
     p.add_argument("config", metavar="CONFIG")
     p.set_defaults(func=cmd_instances_start)
+
+    p = sub.add_parser("instances-stop", help="(systemd hook) blue-green/rolling controller's ExecStop=")
+    p.add_argument("config", metavar="CONFIG")
+    p.set_defaults(func=cmd_instances_stop)
 
     p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
     p.set_defaults(func=cmd_nginx_reload)

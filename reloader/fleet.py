@@ -250,7 +250,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def run(app: AppConfig, action: str) -> int:
-    """Entry point for the controller's ExecStart= ('start') and ExecReload= ('deploy')."""
+    """Entry point for the controller's ExecStart= ('start'), ExecReload= ('deploy') and ExecStop= ('stop')."""
     n = Notifier(app.name)
     if action == "deploy":
         n.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
@@ -258,6 +258,12 @@ def run(app: AppConfig, action: str) -> int:
     try:
         with Systemd(timeout=60) as sd, locked(app, n):
             fleet = Fleet(app, sd, n)
+            if action == "stop":
+                # PartOf= already queued the instances' stop jobs: wait for them, so that
+                # `systemctl stop` returns only when every instance has drained and exited.
+                for instance in app.instance_names:
+                    fleet.stop(instance)
+                return 0
             summary = fleet.deploy() if action == "deploy" else fleet.bring_up()
     except Refused as e:
         n.status(f"{'reload refused' if action == 'deploy' else 'start failed'}: {e}")

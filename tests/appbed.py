@@ -85,10 +85,18 @@ class App:
         self.c.run(f"ln -sfn {d} /srv/flaskapp/current.new && mv -T /srv/flaskapp/current.new /srv/flaskapp/current")
         return n
 
-    def variant(self, gunicorn: str = "", reload: str = "", path: str = "/root/flaskapp.toml") -> str:
-        """Write the example config with extra lines in [gunicorn] / a [reload] section; returns its path."""
-        text = self.c.read_file("/src/examples/flaskapp.toml").replace("[gunicorn]\n", f"[gunicorn]\n{gunicorn}\n")
-        if reload:
+    def variant(self, gunicorn: str = "", reload: str = "", path: str = "/root/flaskapp.toml",
+                base: str = "/src/examples/flaskapp.toml") -> str:
+        """Write the example config with extra lines in [gunicorn] / [reload]; returns its path."""
+        text = self.c.read_file(base)
+        for line in (gunicorn + "\n" + reload).splitlines():  # a key given here replaces the example's
+            if "=" in line:
+                key = line.split("=")[0].strip()
+                text = "\n".join(t for t in text.split("\n") if t.split("=")[0].strip() != key)
+        text = text.replace("[gunicorn]\n", f"[gunicorn]\n{gunicorn}\n")
+        if reload and "[reload]\n" in text:
+            text = text.replace("[reload]\n", f"[reload]\n{reload}\n")
+        elif reload:
             text += f"\n[reload]\n{reload}\n"
         self.c.write_file(path, text)
         return path
