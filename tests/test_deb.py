@@ -36,8 +36,8 @@ APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 
 
 def _version(tree: Path) -> str:
-    return subprocess.run(["dpkg-parsechangelog", "-l", str(tree / "debian/changelog"), "-S", "Version"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    """The top debian/changelog entry's version (parsed here: dpkg-dev may not be installed yet)."""
+    return re.match(r"\S+ \(([^)]+)\)", (tree / "debian/changelog").read_text())[1]
 
 
 def _newest_source_mtime() -> float:
@@ -95,8 +95,9 @@ def upgrade_deb(reloader_deb: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def myapp_debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """myapp_1_all.deb and myapp_2_all.deb built from examples/myapp-deb with dpkg-buildpackage."""
+def myapp_debs(reloader_deb: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """myapp_1_all.deb and myapp_2_all.deb built from examples/myapp-deb with dpkg-buildpackage (debhelper
+    is there once reloader_deb's debian/build has installed the build deps)."""
     tmp = tmp_path_factory.mktemp("myapp")
     debs = {}
     for version in ("1", "2"):
@@ -139,6 +140,7 @@ def dpkg_status(c: testbed.Container, package: str) -> str:
 
 
 def assert_no_failures(report: dict) -> None:
+    testbed.log(f"load: {report['summary']}")
     assert report["total"] > 0, report["summary"]
     assert report["failures"] == {}, (report["summary"], report.get("first_failures"))
     assert report["long"]["total"] > 0 and report["long"]["failed"] == 0, report["long"]
