@@ -224,7 +224,8 @@ def analyse(label: str, command: str, report: dict[str, Any], events: list[dict[
         "command_failed": [p["version"] for p in per if p["rc"]],
         "median": {k: _r(med([p[k] for p in per])) for k in keys},
         "per_reload": per,
-        "first_reload_records": _timeline(recs, events[0]) if events else None,
+        "first_reload_records": _timeline(recs, events[0], events[1]["start"] if len(events) > 1 else None)
+        if events else None,
     }
 
 
@@ -232,11 +233,12 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
-def _timeline(recs: list[dict[str, Any]], ev: dict[str, Any]) -> dict[str, Any]:
-    """Records around the first reload, relative to its start, for the plot."""
+def _timeline(recs: list[dict[str, Any]], ev: dict[str, Any], next_start: float | None) -> dict[str, Any]:
+    """Records around the first reload (until the next one starts), relative to its start, for the plot."""
     start = ev["start"]
+    stop = min(start + 12, next_start - 0.05) if next_start else start + 12
     pts = [(round(r["start"] - start, 4), round(r["latency"] * 1000, 2), r["kind"] == "ok")
-           for r in recs if not r["long"] and start - 2 <= r["start"] <= start + 12]
+           for r in recs if not r["long"] and start - 2 <= r["start"] <= stop]
     new = [r["start"] + r["latency"] - start for r in recs
            if r["version"] == ev["version"] and r["kind"] == "ok" and r["start"] + r["latency"] >= start]
     return {"command_s": ev["end"] - start, "first_new_s": min(new) if new else None, "points": pts}
