@@ -55,7 +55,7 @@ def cmd_exec_reload(args: argparse.Namespace) -> int:
     except ValueError:
         main_pid = main_pid_from_bus()
     try:
-        return Swap(app, main_pid, notifier, main_pid_from_bus).run()
+        return Swap(app, main_pid, notifier, main_pid_from_bus).run(notify_reload=args.notify_reload)
     finally:
         if bus is not None:
             bus.close()
@@ -186,7 +186,10 @@ def cmd_install(args: argparse.Namespace) -> int:
         if sd.version < MIN_SYSTEMD:
             raise Failed(f"systemd {sd.version} is too old: reloader needs {MIN_SYSTEMD} or newer "
                          "(MAINPID= hand-over from ExecReload=, ReloadResult)")
-        notify_reload = sd.version >= 253 and not args.no_notify_reload
+        if args.notify_reload and sd.version < 253:
+            raise Failed(f"--notify-reload needs systemd 253 or newer (this is systemd {sd.version}); "
+                         "leave it off to use Type=notify")
+        notify_reload = args.notify_reload
         files = _planned_files(app, config_text, notify_reload)
         changes = {f.install_path: _diff(f.install_path, f.content) for f in files
                    if not (f.seed and Path(f.install_path).exists())}
@@ -423,8 +426,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("install", help="render CONFIG, install its units and nginx site, start or reload it")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
-    p.add_argument("--no-notify-reload", action="store_true",
-                   help="use Type=notify even where systemd >= 253 supports Type=notify-reload")
+    p.add_argument("--notify-reload", action="store_true",
+                   help="render Type=notify-reload (systemd >= 253). The default Type=notify is more robust: "
+                   "a reload helper killed mid-reload ends the reload at once instead of at TimeoutStartSec")
     p.set_defaults(func=cmd_install)
 
     for alias in ("deploy", "reload"):
@@ -445,6 +449,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("exec-reload", help="(systemd hook) the app service's ExecReload=")
     p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--notify-reload", action="store_true", help="the unit is Type=notify-reload")
     p.set_defaults(func=cmd_exec_reload)
 
     p = sub.add_parser("rollback", help="blue-green: switch NAME back to the previous colour")

@@ -77,8 +77,14 @@ class Swap:
         self.ready_dir = Path(app.ready_dir)
 
     # --- the protocol -------------------------------------------------------------------------------
-    def run(self) -> int:
-        self.n.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
+    def run(self, *, notify_reload: bool = False) -> int:
+        """*notify_reload*: the unit is Type=notify-reload (systemd >= 253), which waits for RELOADING=1.
+
+        Under Type=notify the unit is already reloading because ExecReload= runs, and a RELOADING=1
+        would make systemd 252 wait for READY=1 even after this helper died (e.g. SIGKILLed): the unit
+        would hang in "reloading" until TimeoutStartSec. So it is only sent where it is required."""
+        if notify_reload:
+            self.n.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
         started = time.monotonic()
         try:
             with self._lock():

@@ -54,14 +54,14 @@ class App:
         self.release = 0
 
     # --- set-up -----------------------------------------------------------------------------------------
-    def install(self, config: str = "/src/examples/flaskapp.toml", *, wrapper: bool = True,
+    def install(self, config: str = "/src/examples/flaskapp.toml", *flags: str, wrapper: bool = True,
                 **release: str) -> subprocess.CompletedProcess:
         """*wrapper*: write /usr/bin/reloader running the checkout; False when a .deb installed it."""
         if wrapper:
             self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
         self.c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
         self.ship(**release)
-        return self.c.run(["reloader", "install", config], timeout=240)
+        return self.c.run(["reloader", "install", config, *flags], timeout=240)
 
     def ship(self, version: str | None = None, *, code: str | None = None, extra: str = "",
              files: dict[str, str] | None = None) -> int:

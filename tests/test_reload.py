@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from appbed import App
+from appbed import WRAPPER, App
 
 RELOADS = 20
 
@@ -214,6 +214,14 @@ def test_concurrent_reloads_are_serialized(container) -> None:
     assert_no_failures(app.stop_load(load))
 
 
+def test_notify_reload_is_refused_on_systemd_252(container) -> None:
+    app = App(container)
+    app.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+    r = app.c.run(["reloader", "install", "/src/examples/flaskapp.toml", "--notify-reload"], check=False)
+    assert r.returncode == 1 and "needs systemd 253 or newer" in r.stderr, r.stderr
+    assert app.c.run("test -e /etc/systemd/system/flaskapp.service", check=False).returncode != 0
+
+
 def test_restart_and_stop_drain_in_flight_requests(container) -> None:
     """With the socket held by systemd, even `systemctl restart` refuses no connection."""
     app = App(container)
@@ -277,9 +285,10 @@ def test_a_virtualenv_switched_by_symlink_is_picked_up(container) -> None:
 
 
 def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
-    """On systemd >= 253 `reloader install` renders Type=notify-reload; reloads keep every guarantee."""
+    """On systemd >= 253 `reloader install --notify-reload` renders Type=notify-reload; reloads keep every
+    guarantee."""
     app = App(trixie_container)
-    app.install()
+    app.install("/src/examples/flaskapp.toml", "--notify-reload")
     assert app.wait_version("v1")
     unit = app.c.read_file("/etc/systemd/system/flaskapp.service")
     assert "Type=notify-reload" in unit and "ReloadSignal=SIGWINCH" in unit
