@@ -34,9 +34,11 @@ class RenderedFile:
 
 def templates_dir() -> Path:
     """Find the templates: next to the checkout, installed as package data, or in /usr/share."""
+    checkout = Path(__file__).resolve().parent.parent
     candidates = [
         os.environ.get("RELOADER_TEMPLATES", ""),
-        str(Path(__file__).resolve().parent.parent / "templates"),
+        # ../templates only in a checkout: installed, that is dist-packages/templates, anyone's name.
+        str(checkout / "templates") if (checkout / "pyproject.toml").is_file() else "",
         str(Path(__file__).resolve().parent / "templates"),
         "/usr/share/reloader/templates",
     ]

@@ -399,7 +399,7 @@ def test_percent_is_allowed_in_paths_and_env_and_escaped_only_in_unit_files():
     assert "ExecReload=/opt/%%U/reloader exec-reload /etc/reloader/myapp.toml\n" in service
     assert 'Environment="P=50%%%% off %%n"\n' in service and 'Environment="Q=%%"\n' in service
     assert "ListenStream=/run/%%p.sock\n" in socket
-    assert "ExecReload=/opt/%%U/reloader nginx-reload\n" in files["nginx.service.d/reloader.conf"]
+    assert "nginx -s reload' sh /opt/%%U/reloader\n" in files["nginx.service.d/reloader.conf"]
     # gunicorn (Python) and nginx take the value literally: no systemd escaping leaks into them
     assert "chdir = '/srv/100%n/app'" in files["myapp.gunicorn.conf.py"]
     assert "bind = ['unix:/run/%p.sock']" in files["myapp.gunicorn.conf.py"]

@@ -324,10 +324,6 @@ def test_app_deb_upgrade_is_a_zero_downtime_reload(reloader_deb: Path, myapp_deb
         assert dpkg_status(c, "reloader").startswith("install ok installed")
 
 
-@pytest.mark.xfail(strict=True, reason="nginx.service's reloader drop-in (templates/nginx-dropin.j2) execs "
-                   "/usr/bin/reloader unconditionally: with the package removed, `systemctl reload nginx` fails "
-                   "for every site on the host (203/EXEC). Fix: fall back to a plain `nginx -s reload` in the "
-                   "drop-in when the helper is missing; then drop this xfail.")
 def test_removed_package_leaves_nginx_reloadable(reloader_deb: Path, testbed_image: Path) -> None:
     with testbed.boot("bookworm") as c:
         apt(c, "install", copy_in(c, reloader_deb))

@@ -119,7 +119,8 @@ def test_socket_unit(files):
     assert one(socket, "Socket", "SocketUser") == "flaskapp"
     assert one(socket, "Socket", "SocketGroup") == "www-data"
     assert one(socket, "Socket", "SocketMode") == "0660"
-    assert one(socket, "Unit", "PartOf") == "flaskapp.service"
+    # No PartOf=: restarting the service must not close and re-create the listening socket.
+    assert values(socket, "Unit", "PartOf") == []
 
 
 def test_notify_reload_selects_type_notify_reload(app):
@@ -192,7 +193,11 @@ def test_nginx_site(files):
 
 def test_nginx_dropin_reloads_through_the_helper(files):
     dropin = files["nginx.service.d/reloader.conf"].content
-    assert values(dropin, "Service", "ExecReload") == ["", "/usr/bin/reloader nginx-reload"]
+    reset, command = values(dropin, "Service", "ExecReload")
+    assert reset == ""
+    # The helper when it is installed; nginx's own test-and-reload if reloader was removed.
+    assert command.startswith("/bin/sh -c 'if [ -x \"$$1\" ]; then exec \"$$1\" nginx-reload; fi; ")
+    assert "/usr/sbin/nginx -t -q && exec /usr/sbin/nginx -s reload' sh /usr/bin/reloader" in command
 
 
 # --- write_tree: all or nothing --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def test_regenerate_is_executable_and_removes_stale_files(tmp_path):
     assert (UNITS / "regenerate").stat().st_mode & 0o111, "units/regenerate must be executable"
     for part in ("reloader", "templates", "examples", "units"):
         shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")  # marks a checkout: ../templates
     (tmp_path / "units" / "stale.service").write_text("no longer rendered\n")
     (tmp_path / "units" / "flaskapp.service").write_text("edited by hand\n")
     r = subprocess.run([str(tmp_path / "units" / "regenerate")], capture_output=True, text=True, timeout=60,

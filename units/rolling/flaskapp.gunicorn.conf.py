@@ -55,6 +55,13 @@ def pre_exec(server):
 def when_ready(server):
     """The master is listening: record it so the helper can tell a live master from a booting one."""
     _mark(server.pid, "master", str(server.pid))
+    # A master re-exec'd by USR2 runs as "python3"; keep the name `ps -C gunicorn` and operators expect.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, b"gunicorn", 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def post_worker_init(worker):
