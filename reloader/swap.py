@@ -305,7 +305,10 @@ def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False) -> None
             break
         except subprocess.TimeoutExpired:
             if time.monotonic() >= deadline:
-                os.killpg(p.pid, signal.SIGKILL)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except PermissionError:  # no CAP_KILL: at least the process we started
+                    p.kill()
                 p.communicate()
                 raise Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
                               "(a hanging import? raise preflight_timeout if the app is just slow)") from None
