@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import appbed  # noqa: E402
 import testbed  # noqa: E402
 
-DEPLOYS = 5
+DEPLOYS = 3
 
 
 def say(text: str) -> None:
@@ -44,10 +44,17 @@ def main() -> int:
         say("GET / through nginx")
         sh(app, "curl -s -H 'Host: flaskapp.example' http://127.0.0.1/")
 
-        say(f"{DEPLOYS} deploys of new code under load (6 clients + 2 long requests in flight)")
+        say("reloader verify: 3 reloads under load through nginx (the first one deploys v2)")
+        app.ship("v2")
+        verify = app.c.run(["reloader", "verify", "flaskapp", "--reloads", "3", "--long", "2",
+                            "--long-path", "/slow?s=2", "--path", "/", "--duration", "3"], check=False, timeout=600)
+        print("\n".join(f"    {line}" for line in verify.stdout.splitlines()))
+        print(f"    verify exit status {verify.returncode}; now serving {app.version()}")
+
+        say(f"{DEPLOYS} more deploys of new code under load (6 clients + 2 long requests in flight)")
         load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
         time.sleep(1)
-        for n in range(2, DEPLOYS + 2):
+        for n in range(3, DEPLOYS + 3):
             app.ship(f"v{n}")
             out = app.c.run(["reloader", "deploy", "flaskapp", "--json"], check=False, timeout=600)
             report = json.loads(out.stdout)
@@ -67,7 +74,7 @@ def main() -> int:
         print(f"    {report['summary']}")
         print(f"    failed requests: {failed}  |  in-flight long requests: {report['long']['ok']}/"
               f"{report['long']['total']} ok  |  demo took {time.monotonic() - started:.0f} s")
-        ok = failed == 0 and out.returncode != 0
+        ok = failed == 0 and out.returncode != 0 and verify.returncode == 0
         print("    RESULT: zero failed requests, broken release refused" if ok else "    RESULT: FAILED")
         return 0 if ok else 1
 

@@ -1,8 +1,8 @@
 """Everything reloader asks of systemd, over D-Bus with pystemd. The only module that imports pystemd.
 
 pystemd (0.11 in Debian 12) has no job-wait helper, so :meth:`Systemd.run_job` subscribes to
-``JobRemoved`` *before* issuing the call and then drives the bus with ``process()``/``wait()``; a
-``select()`` on the fd could miss a signal that arrived while the method call was in flight. A job that
+``JobRemoved`` *before* issuing the call and then drives the bus with ``process()`` (a ``select()`` on the
+fd could miss a signal that arrived while the method call was in flight). A job that
 finished "done" does not prove the unit is fine: callers re-read the unit's properties afterwards.
 """
 
@@ -156,17 +156,21 @@ class Systemd:
             raise Failed(f"{what}: {_why(e)}") from None
         job = job if isinstance(job, bytes) else str(job).encode()
         deadline = time.monotonic() + timeout
-        began = time.monotonic()
+        began = last_progress = time.monotonic()
         while job not in results:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Failed(f"{what}: no result after {timeout:.0f} s (job {_s(job)} still running)")
-            self._bus.process()
+            # Drain what has arrived, then sleep in Python: pystemd's wait() holds the GIL for its whole
+            # timeout, which would starve other threads (e.g. `reloader verify`'s load generator).
+            for _ in range(64):
+                self._bus.process()
             if job in results:
                 break
-            self._bus.wait(int(min(left, 0.2) * 1_000_000))
-            if progress:
-                progress(time.monotonic() - began)
+            time.sleep(min(left, 0.01))
+            if progress and time.monotonic() - last_progress >= 0.2:
+                last_progress = time.monotonic()
+                progress(last_progress - began)
         return results[job]
 
     def reload_unit(self, name: str, *, timeout: float, progress: Callable[[float], None] | None = None) -> str:
