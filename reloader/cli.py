@@ -61,7 +61,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             print("check: systemd-analyze not found; unit files not verified", file=sys.stderr)
         site = next(f for f in files if f.name.endswith(".nginx.conf"))
         if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
-            problems.extend(_nginx_test_site(Path(tmp) / site.name))
+            site_path = Path(tmp) / site.name
+            if app.multi_instance:
+                # Test against the rendered upstream include, not whatever is (or isn't) installed.
+                site_path.write_text(site.content.replace(app.upstream_path,
+                                                          str(Path(tmp) / f"{app.name}.upstream.conf")))
+            problems.extend(_nginx_test_site(site_path))
         else:
             print("check: nginx not found; nginx site not tested", file=sys.stderr)
     for p in problems:

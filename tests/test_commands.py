@@ -559,3 +559,25 @@ def test_install_of_a_service_that_cannot_start_names_journalctl(container: test
     props = a.props()
     assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
     assert not deferred, "\n".join(deferred)
+
+
+def test_check_verifies_units_and_nginx_site_on_the_target_host(app) -> None:
+    """With the app's venv and the helper installed, every rendered unit verifies and nginx -t passes."""
+    for example in ("flaskapp", "flaskapp-blue-green", "flaskapp-rolling"):
+        r = app.c.run(["reloader", "check", f"/src/examples/{example}.toml"], check=False)
+        assert r.returncode == 0, (example, r.stdout, r.stderr)
+        assert "ok" in r.stdout and "not found" not in r.stderr, (example, r.stderr)
+    app.c.write_file("/root/bad.toml", "[app]\nname = 'x'\nworking_directory = 'rel'\n")
+    r = app.c.run(["reloader", "check", "/root/bad.toml"], check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_deploy_reports_no_bus_and_a_job_timeout_clearly(app) -> None:
+    r = app.c.run(["reloader", "deploy", "flaskapp"], env={"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"},
+                  check=False)
+    assert r.returncode == 1 and "cannot connect to the systemd system bus" in r.stderr, r.stderr
+    app.ship("v2", extra="\nimport time\ntime.sleep(6)\n")
+    r = app.c.run(["reloader", "deploy", "flaskapp", "--timeout", "2"], check=False, timeout=120)
+    assert r.returncode == 1 and "no result after 2 s" in r.stderr, r.stderr
+    # The reload itself goes on and finishes; the unit is fine afterwards.
+    assert app.wait_version("v2", timeout=60)
