@@ -20,11 +20,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import CONFIG_DIR, AppConfig, ConfigError, load
+from .config import CONFIG_DIR, STATE_DIR, AppConfig, load
 from .errors import Failed
 from .render import NGINX_DROPIN, RenderedFile, render
 
-STATE_DIR = Path("/var/lib/reloader")
 #: Oldest systemd reloader is known to work with (Debian 11's; 252 and 257 are tested).
 MIN_SYSTEMD = 247
 
@@ -472,4 +471,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     verify.add_parser(sub)
 
 
-__all__ = ["add_parsers", "ConfigError"]
