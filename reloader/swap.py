@@ -97,7 +97,8 @@ class Swap:
                 else:
                     workers = self.reload_by_new_generation()
         except Refused as e:
-            self.n.status(f"reload refused: {e}")
+            serving = self._serving()
+            self.n.status(f"reload refused: {e}" + (f"; still serving {serving}" if serving else ""))
             self.n.send("READY=1")
             return 1
         generation = self._next_generation()
@@ -253,6 +254,16 @@ class Swap:
     # --- helpers ----------------------------------------------------------------------------------
     def release(self) -> str:
         return release_of(self.app)
+
+    def _serving(self) -> str:
+        """What the running generation serves: its master's working directory (the release it resolved)."""
+        master = self.old if proc.alive(self.old) else 0
+        if not master:
+            return ""
+        try:
+            return f"release {os.path.basename(os.readlink(f'/proc/{master}/cwd'))} (master {master})"
+        except OSError:
+            return f"master {master}"
 
     def _ready_workers(self, master: int) -> set[int]:
         return ready_workers(self.ready_dir, master)
