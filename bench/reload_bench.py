@@ -1,25 +1,32 @@
 #!/usr/bin/env python3
-"""Benchmark: how each way of deploying the example app behaves under load, side by side, on one container.
+"""Benchmark: how each way of deploying the example app behaves under load, side by side.
 
-Run on the test host, as root (it boots the real-systemd test bed of tests/testbed.py):
+Run on the test host, as root (it boots the real-systemd test bed of tests/testbed.py, four times):
 
     pip install matplotlib          # for the plot; the rest is the standard library
-    sudo python3 bench/reload_bench.py            # full run, ~10 minutes
-    sudo python3 bench/reload_bench.py --quick    # ~4 minutes, fewer reloads and sweep points
+    sudo python3 bench/reload_bench.py            # full run, ~12 minutes on 2 CPUs
+    sudo python3 bench/reload_bench.py --quick    # fewer reloads and sweep points, a few minutes
 
 Methods compared (each deploys a freshly shipped release, several times, under the same load):
 
 * ``reloader``         -- ``systemctl reload flaskapp`` with reloader's default strategy (new generation)
-* ``reloader hup``     -- the same with ``strategy = "hup"`` (the master re-forks its workers in place)
+* ``reloader hup``     -- ``systemctl reload flaskapp`` with ``strategy = "hup"`` (workers re-forked in place)
+* ``reloader blue-green`` -- examples/flaskapp-blue-green.toml with ``bake_seconds = 1`` (own container)
+* ``reloader rolling`` -- examples/flaskapp-rolling.toml as is: 3 instances x 2 workers (own container)
 * ``seed HUP``         -- the original method: ``service nginx reload`` then
-                          ``kill -HUP $(ps -C gunicorn fch -o pid | head -n 1)``
+                          ``kill -HUP $(ps -C gunicorn fch -o pid | head -n 1)``, on the master systemd
+                          started in a freshly installed container (no reloader swap ever ran there)
+* ``seed HUP, after a swap`` -- the seed's command on the master reloader's swaps left behind
 * ``restart (socket)`` -- ``systemctl restart flaskapp`` with the socket held by flaskapp.socket
 * ``restart (no socket)`` -- the same with ``socket_activation = false`` (gunicorn binds the socket)
+* ``reloader, after the seed's HUPs`` -- reloader's default strategy on the master the seed's HUPs left behind
 
 plus how reloader's default strategy scales with the number of workers and with the app's import time.
 
 The load generator (reloader/loadgen.py) runs inside the container against nginx; every reload command
 runs inside too, wrapped so its start and end are taken on the same monotonic clock as the requests.
+A sampler inside the container sums VmRSS of every process in the app's units' cgroups (flaskapp.service,
+and flaskapp@*.service for blue-green/rolling) every 50 ms, on the same clock.
 Writes bench/results.json, bench/results.md and bench/reload_latency.png; prints the tables.
 This is not a test: it asserts nothing and exits 0 unless the bed itself breaks.
 """
@@ -55,9 +62,58 @@ print(json.dumps({"start": t0, "end": t1, "rc": r.returncode, "err": (r.stdout +
 SEED = "service nginx reload && kill -HUP $(ps -C gunicorn fch -o pid | head -n 1)"
 RELOAD = "systemctl reload flaskapp"
 RESTART = "systemctl restart flaskapp"
+PS = "ps -C gunicorn fch -o pid | head -n 1; ps -eo pid,ppid,comm,args | grep -v grep | grep gunicorn"
+BLUE_GREEN = "/src/examples/flaskapp-blue-green.toml"
+ROLLING = "/src/examples/flaskapp-rolling.toml"
 
 STEADY = 2.0  # seconds of steady state measured before each reload
 SETTLE = 2.0  # seconds of load after the new version is seen, before the next reload
+
+# Memory sampler, run inside the container for the length of each load run: every 50 ms the sum of VmRSS
+# of every process in the app's units' cgroups (the single unit, or the blue-green/rolling controller and
+# its instances), on the same monotonic clock as the requests. "helper" is the part that is not gunicorn
+# (reloader's ExecReload= helper and its pre-flight process). Writes "t total_kB helper_kB nprocs" lines.
+MEM_OUT = "/var/tmp/bench-mem.tsv"
+MEM_STOP = "/var/tmp/bench-mem.stop"
+MEM_CGROUPS = [f"/sys/fs/cgroup/{h}system.slice/{u}/cgroup.procs" for h in ("", "unified/", "systemd/")
+               for u in ("flaskapp.service", "system-flaskapp.slice/flaskapp@*.service")]
+MEM_SRC = """import glob, os, sys, time
+out, stop, pats = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = []
+while not os.path.exists(stop):
+    t = time.monotonic()
+    total = helper = n = 0
+    seen = set()
+    for pat in pats:
+        for f in glob.glob(pat):
+            try:
+                with open(f) as fh:
+                    pids = fh.read().split()
+            except OSError:
+                continue
+            for pid in pids:
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                try:
+                    with open("/proc/%s/status" % pid) as fh:
+                        rss = next((int(line.split()[1]) for line in fh if line.startswith("VmRSS:")), 0)
+                    with open("/proc/%s/cmdline" % pid, "rb") as fh:
+                        argv = fh.read().split(b"\\0")
+                    with open("/proc/%s/comm" % pid) as fh:
+                        comm = fh.read().strip()
+                except (OSError, ValueError):
+                    continue
+                total += rss
+                n += 1
+                if comm != "gunicorn" and not any(os.path.basename(a) == b"gunicorn" for a in argv[:2]):
+                    helper += rss
+    rows.append("%.4f %d %d %d" % (t, total, helper, n))
+    time.sleep(max(0.0, 0.05 - (time.monotonic() - t)))
+with open(out + ".tmp", "w") as fh:
+    fh.write("\\n".join(rows) + "\\n")
+os.replace(out + ".tmp", out)
+"""
 
 
 def log(msg: str) -> None:
@@ -96,24 +152,32 @@ class Bench:
         r = self.c.run(["python3", TIMED, cmd], timeout=timeout)
         return json.loads(r.stdout)
 
-    def start_load(self, concurrency: int, long: int) -> Any:
-        self.c.run(["rm", "-f", LOAD_OUT, LOAD_STOP])
+    def start_load(self, concurrency: int, long: int) -> tuple[Any, Any]:
+        import subprocess
+
+        self.c.run(["rm", "-f", LOAD_OUT, LOAD_STOP, MEM_OUT, MEM_STOP])
+        mem = self.c.popen(["python3", "-c", MEM_SRC, MEM_OUT, MEM_STOP, *MEM_CGROUPS],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         cmd = ("cd /src && exec python3 -m reloader.loadgen http://127.0.0.1/ "
                f"--concurrency {concurrency} --long {long} --long-path '/slow?s=1' -H 'Host: {HOST}' "
                f"--until-file {LOAD_STOP} --out {LOAD_OUT} --records --max-duration 1800 --timeout 30")
-        import subprocess
-
         p = self.c.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
-        return p
+        return p, mem
 
-    def stop_load(self, p: Any) -> dict[str, Any]:
-        self.c.run(["touch", LOAD_STOP])
+    def stop_load(self, procs: tuple[Any, Any]) -> tuple[dict[str, Any], list[tuple[float, int, int, int]]]:
+        p, mem = procs
+        self.c.run(["touch", LOAD_STOP, MEM_STOP])
         p.wait(timeout=120)
-        return json.loads(self.c.read_file(LOAD_OUT))
+        mem.wait(timeout=60)
+        samples = []
+        for line in self.c.read_file(MEM_OUT).splitlines():
+            t, total, helper, n = line.split()
+            samples.append((float(t), int(total), int(helper), int(n)))
+        return json.loads(self.c.read_file(LOAD_OUT)), samples
 
     def run_method(self, label: str, command: str, reloads: int, *, concurrency: int = 4, long: int = 1,
-                   extra: str = "") -> dict[str, Any]:
+                   extra: str = "", wait: float = 60) -> dict[str, Any]:
         """*reloads* deploys with *command* under one load run; returns per-reload metrics and medians."""
         log(f"{label}: {reloads} x `{command}`")
         load = self.start_load(concurrency, long)
@@ -126,22 +190,24 @@ class Bench:
                 self.app.ship(version, extra=extra)
                 ev = self.timed(command)
                 ev["version"] = version
-                seen = self.app.wait_version(version, timeout=60)
+                seen = self.app.wait_version(version, timeout=wait)
                 ev["served"] = seen
                 events.append(ev)
                 log(f"  {label}: {version} command {ev['end'] - ev['start']:.2f} s rc={ev['rc']} "
                     f"served={seen}" + (f" {ev['err'].strip()[-200:]}" if ev["rc"] else ""))
                 time.sleep(SETTLE + (0 if seen else 5))
         finally:
-            report = self.stop_load(load)
-        result = analyse(label, command, report, events)
+            report, mem = self.stop_load(load)
+        result = analyse(label, command, report, events, mem)
         result["last_reload_steps"] = self.steps(events[-1]["start"]) if events else []
         result["nginx_errors"] = self.nginx_errors()
+        log(f"  {label}: {result['failed']} failed, {result['keepalive_retries']} keep-alive retries, "
+            f"median {result['median']}")
         return result
 
     def steps(self, since: float) -> list[str]:
         """reloader's own journal lines (monotonic timestamps) since *since*: where the reload time goes."""
-        r = self.c.run("journalctl -u flaskapp -o short-monotonic --no-pager -n 400", check=False)
+        r = self.c.run("journalctl -u flaskapp -u 'flaskapp@*' -o short-monotonic --no-pager -n 600", check=False)
         out = []
         for line in r.stdout.splitlines():
             if not line.startswith("[") or "]" not in line:
@@ -181,25 +247,32 @@ def med(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def analyse(label: str, command: str, report: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+def analyse(label: str, command: str, report: dict[str, Any], events: list[dict[str, Any]],
+            mem: list[tuple[float, int, int, int]]) -> dict[str, Any]:
     recs = report.get("records") or []
     regular = [r for r in recs if not r["long"]]
     per = []
-    for ev in events:
+    for i, ev in enumerate(events):
         start, end = ev["start"], ev["end"]
+        next_start = events[i + 1]["start"] if i + 1 < len(events) else None
         new = [r["start"] + r["latency"] for r in recs
                if r["version"] == ev["version"] and r["kind"] == "ok" and r["start"] + r["latency"] >= start]
         first_new = min(new) if new else None
         win_end = max(end, first_new or end)
         win_end = max(win_end, start + 0.2)
+        # Everything this deploy caused happens before the next one starts (or SETTLE after it is done).
+        after = min(win_end + SETTLE, next_start) if next_start else win_end + SETTLE
         steady = [r for r in regular if start - STEADY <= r["start"] < start - 0.1]
         during = [r for r in regular if start <= r["start"] <= win_end]
         fails: dict[str, int] = {}
         for r in recs:
-            if r["kind"] != "ok" and start - 0.5 <= r["start"] <= win_end + SETTLE:
+            if r["kind"] != "ok" and start - 0.5 <= r["start"] <= after:
                 fails[r["kind"]] = fails.get(r["kind"], 0) + 1
+        retries = sum(1 for r in recs if r.get("keepalive_retry") and start - 0.5 <= r["start"] <= after)
         steady_rps = len(steady) / (STEADY - 0.1)
         during_rps = len(during) / (win_end - start)
+        mem_steady = [total for t, total, _, _ in mem if start - 1.5 <= t < start - 0.05]
+        mem_during = [(total, helper, n) for t, total, helper, n in mem if start <= t <= after]
         per.append({
             "version": ev["version"], "rc": ev["rc"], "command_s": round(end - start, 3),
             "time_to_new_version_s": None if first_new is None else round(first_new - start, 3),
@@ -210,11 +283,17 @@ def analyse(label: str, command: str, report: dict[str, Any], events: list[dict[
             "steady_p50_ms": _r(pct([r["latency"] * 1000 for r in steady], 50)),
             "steady_p99_ms": _r(pct([r["latency"] * 1000 for r in steady], 99)),
             "throughput_ratio": round(during_rps / steady_rps, 3) if steady_rps else None,
+            "rss_steady_mb": _mb(med(mem_steady)),
+            "rss_peak_mb": _mb(max((m[0] for m in mem_during), default=None)),
+            "rss_peak_helper_mb": _mb(max((m[1] for m in mem_during), default=None)),
+            "rss_peak_processes": max((m[2] for m in mem_during), default=None),
+            "keepalive_retries": retries,
             "failures": fails,
             "error": ev["err"].strip()[-300:] if ev["rc"] else "",
         })
     keys = ("command_s", "time_to_new_version_s", "p50_ms", "p99_ms", "max_ms", "steady_p50_ms",
-            "steady_p99_ms", "throughput_ratio")
+            "steady_p99_ms", "throughput_ratio", "rss_steady_mb", "rss_peak_mb", "rss_peak_helper_mb",
+            "rss_peak_processes")
     return {
         "method": label, "command": command, "reloads": len(events),
         "total_requests": report["total"], "failed": report["failed"], "failures": report["failures"],
@@ -223,25 +302,38 @@ def analyse(label: str, command: str, report: dict[str, Any], events: list[dict[
         "never_served": [p["version"] for p in per if p["time_to_new_version_s"] is None],
         "command_failed": [p["version"] for p in per if p["rc"]],
         "median": {k: _r(med([p[k] for p in per])) for k in keys},
+        "rss_peak_max_mb": max((p["rss_peak_mb"] for p in per if p["rss_peak_mb"] is not None), default=None),
         "per_reload": per,
-        "first_reload_records": _timeline(recs, events[0], events[1]["start"] if len(events) > 1 else None)
+        "first_reload_records": _timeline(recs, mem, events[0], events[1]["start"] if len(events) > 1 else None)
         if events else None,
     }
+
+
+def _mb(kb: float | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 1)
 
 
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
-def _timeline(recs: list[dict[str, Any]], ev: dict[str, Any], next_start: float | None) -> dict[str, Any]:
-    """Records around the first reload (until the next one starts), relative to its start, for the plot."""
+def _timeline(recs: list[dict[str, Any]], mem: list[tuple[float, int, int, int]], ev: dict[str, Any],
+              next_start: float | None) -> dict[str, Any]:
+    """Records around the first reload, relative to its start, for the plot: from 2 s before it until just
+    before the next deploy starts (the last deploy: SETTLE after the new version was first served)."""
     start = ev["start"]
-    stop = min(start + 12, next_start - 0.05) if next_start else start + 12
-    pts = [(round(r["start"] - start, 4), round(r["latency"] * 1000, 2), r["kind"] == "ok")
-           for r in recs if not r["long"] and start - 2 <= r["start"] <= stop]
     new = [r["start"] + r["latency"] - start for r in recs
            if r["version"] == ev["version"] and r["kind"] == "ok" and r["start"] + r["latency"] >= start]
-    return {"command_s": ev["end"] - start, "first_new_s": min(new) if new else None, "points": pts}
+    first_new = min(new) if new else None
+    if next_start is not None:
+        stop = next_start - 0.05
+    else:
+        stop = start + max(ev["end"] - start, first_new or 0.0) + SETTLE
+    pts = [(round(r["start"] - start, 4), round(r["latency"] * 1000, 2), r["kind"] == "ok")
+           for r in recs if not r["long"] and start - 2 <= r["start"] <= stop]
+    rss = [(round(t - start, 3), round(total / 1024, 1)) for t, total, _, _ in mem if start - 2 <= t <= stop]
+    return {"command_s": ev["end"] - start, "first_new_s": first_new, "until_s": round(stop - start, 3),
+            "next_deploy": next_start is not None, "points": pts, "rss": rss}
 
 
 # --- output -----------------------------------------------------------------------------------------------
@@ -255,39 +347,55 @@ def _fails(m: dict[str, Any]) -> str:
     return f"**{m['failed']}** (" + ", ".join(f"{k} {v}" for k, v in sorted(m["failures"].items())) + ")"
 
 
+def _rss(md: dict[str, Any]) -> str:
+    return f"{_f(md['rss_peak_mb'])} / {_f(md['rss_steady_mb'])} MB"
+
+
 def methods_table(methods: list[dict[str, Any]]) -> str:
-    rows = ["| Method | Failed requests | Time to new version | Command returns after | p50 / p99 during "
-            "| steady p99 | Throughput during |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| Method | Failed requests | Keep-alive retries | Time to new version | Command returns after "
+            "| p50 / p99 during | steady p99 | Throughput during | RSS peak / steady |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         md = m["median"]
-        never = f" ({len(m['never_served'])}x never)" if m["never_served"] else ""
+        never = f" ({len(m['never_served'])}/{m['reloads']} never)" if m["never_served"] else ""
+        if m["command_failed"]:
+            never += f" (command failed {len(m['command_failed'])}/{m['reloads']})"
         rows.append(
-            f"| {m['method']} | {_fails(m)} | {_f(md['time_to_new_version_s'], '{:.2f} s')}{never} "
+            f"| {m['method']} | {_fails(m)} | {m['keepalive_retries']} "
+            f"| {_f(md['time_to_new_version_s'], '{:.2f} s')}{never} "
             f"| {_f(md['command_s'], '{:.2f} s')} | {_f(md['p50_ms'])} / {_f(md['p99_ms'])} ms "
-            f"| {_f(md['steady_p99_ms'])} ms | {_f(md['throughput_ratio'] and md['throughput_ratio'] * 100)} % |")
+            f"| {_f(md['steady_p99_ms'])} ms | {_f(md['throughput_ratio'] and md['throughput_ratio'] * 100)} % "
+            f"| {_rss(md)} |")
     return "\n".join(rows)
 
 
 def sweep_table(title: str, key: str, rows_in: list[dict[str, Any]]) -> str:
-    rows = [f"| {title} | Reload command | Time to new version | p99 during | Failed requests |",
-            "|---|---|---|---|---|"]
+    rows = [f"| {title} | Reload command | Time to new version | p99 during | Failed requests "
+            "| Keep-alive retries | RSS peak / steady |",
+            "|---|---|---|---|---|---|---|"]
     for m in rows_in:
         md = m["median"]
         rows.append(f"| {m[key]} | {_f(md['command_s'], '{:.2f} s')} | {_f(md['time_to_new_version_s'], '{:.2f} s')} "
-                    f"| {_f(md['p99_ms'])} ms | {_fails(m)} |")
+                    f"| {_f(md['p99_ms'])} ms | {_fails(m)} | {m['keepalive_retries']} | {_rss(md)} |")
     return "\n".join(rows)
 
 
+PLOTTED = ("reloader", "reloader hup", "reloader blue-green", "reloader rolling", "seed HUP", "restart (socket)",
+           "restart (no socket)")
+
+
 def plot(methods: list[dict[str, Any]], path: Path) -> None:
+    """One panel per method: every regular request around its first deploy, and the app's total RSS.
+
+    Each panel ends where that method's next deploy starts, so nothing in it belongs to a later deploy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = [m for m in methods if m["first_reload_records"]
-              and m["method"] in ("reloader", "reloader hup", "seed HUP", "restart (socket)", "restart (no socket)")]
-    fig, axes = plt.subplots(len(chosen), 1, figsize=(10, 2.3 * len(chosen)), sharex=True, squeeze=False)
+    by_name = {m["method"]: m for m in methods if m["first_reload_records"]}
+    chosen = [by_name[name] for name in PLOTTED if name in by_name]
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(10, 2.4 * len(chosen)), squeeze=False)
     for ax, m in zip(axes[:, 0], chosen, strict=True):
         tl = m["first_reload_records"]
         ok = [(t, ms) for t, ms, good in tl["points"] if good]
@@ -302,37 +410,37 @@ def plot(methods: list[dict[str, Any]], path: Path) -> None:
             ax.axvline(tl["first_new_s"], color="green", ls=":", lw=1.5, label="new version first served")
         ax.set_yscale("log")
         ax.set_ylabel("latency (ms)")
-        ax.set_title(f"{m['method']}: {m['command']}", fontsize=9, loc="left")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.set_xlim(-2, tl["until_s"])
+        end = "next deploy starts at the right edge" if tl["next_deploy"] else "last deploy"
+        ax.set_title(f"{m['method']}: {m['command']}  ({end})", fontsize=9, loc="left")
         ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("seconds since the reload started")
+        handles, labels = ax.get_legend_handles_labels()
+        if tl.get("rss"):
+            ax2 = ax.twinx()
+            line, = ax2.step([t for t, _ in tl["rss"]], [mb for _, mb in tl["rss"]], where="post", color="tab:orange",
+                             lw=1.2, alpha=0.9, label="RSS of the app's units (MB)")
+            top = max(mb for _, mb in tl["rss"])
+            ax2.set_ylim(0, top * 1.15 if top else 1)
+            ax2.set_ylabel("RSS (MB)", color="tab:orange", fontsize=8)
+            ax2.tick_params(axis="y", labelcolor="tab:orange", labelsize=7)
+            handles.append(line)
+            labels.append(line.get_label())
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.07, 1.0), borderaxespad=0)
+        ax.set_xlabel("seconds since the reload started", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # --- main -------------------------------------------------------------------------------------------------
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--quick", action="store_true", help="fewer reloads and sweep points (~4 min)")
-    p.add_argument("--reloads", type=int, default=None, help="reloads per method (default 5, quick 2)")
-    p.add_argument("--out", default=str(HERE), help="directory for results.{md,json} and the plot")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    args = p.parse_args()
-    if not args.no_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            p.error("matplotlib is missing: pip install matplotlib (or pass --no-plot)")
-    reloads = args.reloads or (2 if args.quick else 5)
-    sweep_reloads = 1 if args.quick else 3
+def single_unit_methods(args: argparse.Namespace, reloads: int, sweep_reloads: int,
+                        env: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One container, examples/flaskapp.toml and variants: the single-master methods and the sweeps."""
     worker_counts = (4, 8, 16)
     import_times = (0.1, 2.0) if args.quick else (0.1, 2.0, 10.0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started_wall = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
-
+    methods: dict[str, dict[str, Any]] = {}
+    workers_rows: list[dict[str, Any]] = []
+    import_rows: list[dict[str, Any]] = []
     with testbed.boot("bookworm") as c:
         app = appbed.App(c)
         log(f"container {c.name} booted; installing the example app")
@@ -342,56 +450,157 @@ def main() -> int:
         b = Bench(c, app)
         has_service = c.run("command -v service", check=False).returncode == 0
         seed = SEED if has_service else SEED.replace("service nginx reload", "systemctl reload nginx")
-        nproc = c.run("nproc").stdout.strip()
-        versions = c.run("/opt/venv/bin/python3 -c 'import gunicorn, flask; print(gunicorn.__version__)'; "
-                         "nginx -v 2>&1; systemctl --version | head -1", check=False).stdout.split("\n")
-
+        env["cpus_in_container"] = c.run("nproc").stdout.strip()
+        env["stack"] = [v for v in c.run("/opt/venv/bin/python3 -c 'import gunicorn; print(gunicorn.__version__)'; "
+                                         "nginx -v 2>&1; systemctl --version | head -1",
+                                         check=False).stdout.split("\n") if v]
+        env["seed_command"] = seed
+        env["rss_cgroups_single"] = c.run("ls -d /sys/fs/cgroup/system.slice/flaskapp.service "
+                                          "/sys/fs/cgroup/unified/system.slice/flaskapp.service 2>/dev/null",
+                                          check=False).stdout.split()
+        ps = PS
+        env["ps_gunicorn_fresh_master"] = c.run(ps, check=False).stdout
         b.nginx_errors()  # start each method with an empty nginx error log
-        methods = []
-        methods.append(b.run_method("reloader", RELOAD, reloads))
-        # After a generation swap the master is re-executed as python3 (gunicorn's USR2 execs
-        # sys.executable), so `ps -C gunicorn` no longer finds it. Record that, then give the seed's
-        # command a master started by systemd, as it would have on the seed's hosts.
-        ps_after_swap = c.run("ps -C gunicorn fch -o pid | head -n 1; ps -eo pid,ppid,comm,args | grep -v grep "
-                              "| grep gunicorn", check=False).stdout
-        c.run("systemctl restart flaskapp")
-        ps_fresh = c.run("ps -C gunicorn fch -o pid | head -n 1", check=False).stdout.strip()
-        log(f"seed: `ps -C gunicorn` after a swap: {ps_after_swap.splitlines()[:1]}; after a restart: {ps_fresh!r}")
-        b.nginx_errors()
-        methods.append(b.run_method("seed HUP", seed, reloads))
-        methods.append(b.run_method("restart (socket)", RESTART, reloads))
+        methods["reloader"] = b.run_method("reloader", RELOAD, reloads)
+        # After generation swaps the master was re-executed by USR2 (as python3); it now renames itself
+        # "gunicorn" (prctl in when_ready). Does the seed's `ps -C gunicorn` still find it and deploy?
+        env["ps_gunicorn_after_swap"] = c.run(ps, check=False).stdout
+        env["mainpid_after_swap"] = app.props()["MainPID"]
+        log(f"seed after a swap: MainPID {env['mainpid_after_swap']}, "
+            f"ps: {env['ps_gunicorn_after_swap'].splitlines()[:2]}")
+        methods["seed HUP, after a swap"] = b.run_method("seed HUP, after a swap", seed, 2, wait=20)
+        methods["restart (socket)"] = b.run_method("restart (socket)", RESTART, reloads)
 
-        workers_rows = []
-        for n in worker_counts:
-            b.install(b.config(workers=n, name=f"bench-w{n}"))
-            m = b.run_method(f"reloader, {n} workers", RELOAD, sweep_reloads)
-            m["workers"] = n
-            workers_rows.append(m)
-        b.install(b.config(name="bench-default"))
-
-        import_rows = []
-        for s in import_times:
-            m = b.run_method(f"reloader, import {s:g} s", RELOAD, sweep_reloads,
-                             extra=f"\nimport time\ntime.sleep({s})\n")
-            m["import_s"] = f"{s:g} s"
-            import_rows.append(m)
-        app.ship()  # a fast release again before reinstalling
+        if "sweeps" in args.parts:
+            for n in worker_counts:
+                b.install(b.config(workers=n, name=f"bench-w{n}"))
+                m = b.run_method(f"reloader, {n} workers", RELOAD, sweep_reloads)
+                m["workers"] = n
+                workers_rows.append(m)
+            b.install(b.config(name="bench-default"))
+            for s in import_times:
+                m = b.run_method(f"reloader, import {s:g} s", RELOAD, sweep_reloads,
+                                 extra=f"\nimport time\ntime.sleep({s})\n")
+                m["import_s"] = f"{s:g} s"
+                import_rows.append(m)
+            app.ship()  # a fast release again before reinstalling
 
         b.install(b.config(reload='strategy = "hup"', name="bench-hup"))
-        methods.insert(1, b.run_method("reloader hup", RELOAD, reloads))
+        methods["reloader hup"] = b.run_method("reloader hup", RELOAD, reloads)
 
         # Without socket activation: stop everything, then install the variant (starts it fresh).
         c.run("systemctl stop flaskapp.service flaskapp.socket; systemctl disable flaskapp.socket", check=False)
         b.install(b.config(gunicorn="socket_activation = false", name="bench-nosocket"))
-        methods.append(b.run_method("restart (no socket)", RESTART, reloads))
+        methods["restart (no socket)"] = b.run_method("restart (no socket)", RESTART, reloads)
+    order = ("reloader", "reloader hup", "seed HUP, after a swap", "restart (socket)", "restart (no socket)")
+    return [methods[k] for k in order if k in methods], workers_rows, import_rows
+
+
+def seed_methods(reloads: int, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """A fresh container: the seed's method on the master systemd started (no reloader swap ever ran),
+    then reloader's default strategy on the master those HUPs left behind."""
+    out = []
+    with testbed.boot("bookworm") as c:
+        app = appbed.App(c)
+        log(f"container {c.name} booted; installing the example app for the seed's method")
+        app.install()
+        if not app.wait_version("v1"):
+            raise SystemExit("example app did not come up:\n" + app.journal(40))
+        b = Bench(c, app)
+        seed = env["seed_command"]
+        env["ps_gunicorn_fresh_master"] = c.run(PS, check=False).stdout
+        b.nginx_errors()
+        out.append(b.run_method("seed HUP", seed, reloads))
+        master = app.props()["MainPID"]
+        fds = f'for f in /proc/{master}/fd/*; do echo "${{f##*/}} -> $(readlink $f)"; done'
+        env["master_fds_after_seed_hups"] = c.run(fds, check=False).stdout.splitlines()
+        log(f"master {master} after the seed's HUPs: fds {env['master_fds_after_seed_hups']}")
+        out.append(b.run_method("reloader, after the seed's HUPs", RELOAD, 2, wait=10))
+    return out
+
+
+def fleet_method(label: str, base: str, reload: str, reloads: int, env: dict[str, Any]) -> dict[str, Any] | None:
+    """A fresh container with a blue-green or rolling example installed: *reloads* deploys under load."""
+    try:
+        with testbed.boot("bookworm") as c:
+            app = appbed.App(c)
+            log(f"container {c.name} booted; installing {base} ({reload or 'as is'})")
+            app.install(app.variant(base=base, reload=reload))
+            if not app.wait_version("v1"):
+                raise RuntimeError(f"{label}: the app did not come up:\n" + app.journal(40))
+            b = Bench(c, app)
+            env.setdefault("rss_cgroups_fleet", {})[label] = c.run(
+                "ls -d /sys/fs/cgroup/system.slice/flaskapp.service "
+                "/sys/fs/cgroup/system.slice/system-flaskapp.slice/*.service 2>/dev/null", check=False).stdout.split()
+            b.nginx_errors()
+            m = b.run_method(label, RELOAD, reloads)
+            m["config"] = f"{base}" + (f" + {reload}" if reload else "")
+            return m
+    except Exception as e:  # noqa: BLE001 - keep the other methods' results; the error is reported
+        log(f"{label}: FAILED: {e}")
+        env.setdefault("errors", []).append(f"{label}: {str(e)[-1500:]}")
+        return None
+
+
+def _commit() -> str:
+    """The checkout measured (bind-mounted into the containers as /src)."""
+    import subprocess
+
+    r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                       text=True, check=False)
+    return r.stdout.strip() or "?"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--quick", action="store_true", help="fewer reloads and sweep points")
+    p.add_argument("--reloads", type=int, default=None, help="reloads per method (default 5, quick 2)")
+    p.add_argument("--out", default=str(HERE), help="directory for results.{md,json} and the plot")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--parts", default="single,sweeps,seed,fleet",
+                   help="comma-separated subset of single (single-master methods), sweeps (workers, import "
+                        "time; needs single), seed (the seed's method on a fresh master), fleet (blue-green, "
+                        "rolling); default all")
+    args = p.parse_args()
+    args.parts = set(args.parts.split(","))
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("matplotlib is missing: pip install matplotlib (or pass --no-plot)")
+    reloads = args.reloads or (2 if args.quick else 5)
+    sweep_reloads = 1 if args.quick else 3
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started_wall = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    env: dict[str, Any] = {"started": started_wall, "host_loadavg_before": load_before, "commit": _commit(),
+                           "reloads_per_method": reloads, "reloads_per_sweep_point": sweep_reloads,
+                           "load": "4 workers on / (2 keep-alive, 2 new connections) + 1 on /slow?s=1, "
+                                   "through nginx",
+                           "rss": "sum of VmRSS of every process in the app's units' cgroups, sampled every "
+                                  "50 ms inside the container",
+                           "quick": args.quick, "parts": sorted(args.parts)}
+    methods: list[dict[str, Any]] = []
+    workers_rows: list[dict[str, Any]] = []
+    import_rows: list[dict[str, Any]] = []
+    if "single" in args.parts:
+        methods, workers_rows, import_rows = single_unit_methods(args, reloads, sweep_reloads, env)
+    if "seed" in args.parts:
+        env.setdefault("seed_command", SEED)
+        seeds = seed_methods(reloads, env)
+        at = next((i for i, m in enumerate(methods) if m["method"] == "seed HUP, after a swap"), len(methods))
+        methods[at:at] = seeds[:1]
+        methods += seeds[1:]
+    if "fleet" in args.parts:
+        fleet = [fleet_method("reloader blue-green", BLUE_GREEN, "bake_seconds = 1", reloads, env),
+                 fleet_method("reloader rolling", ROLLING, "", reloads, env)]
+        at = 2 if len(methods) >= 2 else len(methods)  # after "reloader" and "reloader hup"
+        methods[at:at] = [m for m in fleet if m]
 
     load_after = Path("/proc/loadavg").read_text().split()[:3]
-    env = {"started": started_wall, "host_loadavg_before": load_before, "host_loadavg_after": load_after,
-           "cpus_in_container": nproc, "stack": [v for v in versions if v],
-           "reloads_per_method": reloads, "reloads_per_sweep_point": sweep_reloads,
-           "load": "4 workers on / (2 keep-alive, 2 new connections) + 1 on /slow?s=1, through nginx",
-           "quick": args.quick, "seed_command": seed, "ps_gunicorn_after_swap": ps_after_swap,
-           "ps_gunicorn_after_restart": ps_fresh}
+    env["host_loadavg_after"] = load_after
+    env["runtime_s"] = round(time.monotonic() - T0)
     results = {"environment": env, "methods": methods, "workers": workers_rows, "import_time": import_rows}
     slim = json.loads(json.dumps(results))
     for group in ("methods", "workers", "import_time"):
@@ -399,31 +608,40 @@ def main() -> int:
             m.pop("first_reload_records", None)
     (out / "results.json").write_text(json.dumps(slim, indent=2) + "\n")
 
+    nproc = env.get("cpus_in_container", "?")
+    stack = env.get("stack") or ["?"]
     md = [
-        f"Measured {started_wall} on the test bed (Debian 12 container, {nproc} CPUs, gunicorn "
-        f"{env['stack'][0] if env['stack'] else '?'}). "
+        f"Measured {started_wall} on the test bed (Debian 12 containers, {nproc} CPUs, gunicorn {stack[0]}; "
+        f"{env['runtime_s'] // 60} min in all). "
         f"Medians over {reloads} deploys per method, each of a freshly shipped release, under load "
         f"({env['load']}). Time to new version: from the reload command starting until the first response "
         "of the new release; p50/p99 and throughput: regular requests started between the command's start "
         "and the later of its end and the new version's first response, against the 2 s of steady state "
-        "before it. Failed requests are all failures around all deploys of the method. Host load average "
-        f"{' '.join(load_before)} before, {' '.join(load_after)} after (other jobs share the CPUs: "
-        "compare rows of one run, not runs).",
+        "before it. Failed requests and keep-alive retries (a reused idle keep-alive connection that nginx "
+        "closed, re-sent as browsers do; not a failure) are totals over all deploys of the method. "
+        "RSS: the sum of VmRSS of every process in the app's units (flaskapp.service; for blue-green and "
+        "rolling also every flaskapp@*.service), sampled every 50 ms: median over deploys of the peak from "
+        "the command's start until the next deploy, against the median over the 1.5 s before it. Shared "
+        "pages of forked workers count once per process, and the peak includes reloader's own helper and "
+        "its pre-flight process. blue-green runs with `bake_seconds = 1` (the example has 5; the default "
+        "strategy bakes 2 s); rolling is the example as is, 3 instances x 2 workers. "
+        f"Host load average {' '.join(load_before)} before, {' '.join(load_after)} after (compare rows of "
+        "one run, not runs).",
         "",
         methods_table(methods),
-        "",
-        f"reloader's default strategy by worker count ({sweep_reloads} deploys each, median):",
-        "",
-        sweep_table("Workers", "workers", workers_rows),
-        "",
-        f"reloader's default strategy by app import time ({sweep_reloads} deploys each, median; the pre-flight "
-        "imports the release too, then the new workers do, then the 2 s bake):",
-        "",
-        sweep_table("Import time", "import_s", import_rows),
     ]
+    if workers_rows:
+        md += ["", f"reloader's default strategy by worker count ({sweep_reloads} deploys each, median):", "",
+               sweep_table("Workers", "workers", workers_rows)]
+    if import_rows:
+        md += ["", f"reloader's default strategy by app import time ({sweep_reloads} deploys each, median; the "
+               "pre-flight imports the release too, then the new workers do, then the 2 s bake):", "",
+               sweep_table("Import time", "import_s", import_rows)]
+    if env.get("errors"):
+        md += ["", "Errors:", "", *[f"    {e.splitlines()[0]}" for e in env["errors"]]]
     text = "\n".join(md) + "\n"
     (out / "results.md").write_text(text)
-    if not args.no_plot:
+    if not args.no_plot and methods:
         plot(methods, out / "reload_latency.png")
     print(text)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'}" + ("" if args.no_plot else
