@@ -165,14 +165,22 @@ class Swap:
 
     def spawn_new_generation(self) -> None:
         self.n.status(f"starting a new generation next to master {self.old} (USR2)")
+        before = set(proc.children(self.old))
         proc.send(self.old, signal.SIGUSR2)
         pidfile2 = self.app.pidfile + ".2"
+        forked: set[int] = set()
 
         def found() -> bool:
             pid = _read_pid(pidfile2)
             if pid and proc.ppid(pid) == self.old:
                 self.new = pid
                 return True
+            # The new master is a fresh child of the old one; if it is gone before it wrote its
+            # pidfile, it died starting (e.g. could not take over the sockets): fail now, not at 30 s.
+            forked.update(set(proc.children(self.old)) - before)
+            if forked and not any(proc.alive(p) for p in forked) and not Path(pidfile2).exists():
+                raise Refused(f"the new master exited while starting (pid {min(forked)}); "
+                              f"see journalctl -u {self.app.service}")
             return False
 
         if not proc.wait_for(found, 30, tick=self.n.extend):

@@ -304,3 +304,19 @@ def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
     assert app.version() == "v4"
     assert_no_failures(app.stop_load(load))
     assert "changed on disk" not in r.stderr
+
+
+def test_a_reload_after_a_manual_hup_still_works(container) -> None:
+    """An operator's `kill -HUP` frees fd 3 in the master; the USR2 hand-off of the sockets must not care."""
+    app = App(container)
+    app.install()
+    assert app.wait_version("v1")
+    for hups in (1, 2):
+        app.ship(f"v{hups + 1}")
+        for _ in range(hups):
+            assert app.systemctl("kill", "--kill-who=main", "-s", "HUP", "flaskapp").returncode == 0
+        assert app.wait_version(f"v{hups + 1}"), "HUP deploys the new code in place"
+        app.ship(f"v{hups + 10}")
+        r = app.reload()
+        assert r.returncode == 0, (r.stderr, app.journal(30))
+        assert app.version() == f"v{hups + 10}"

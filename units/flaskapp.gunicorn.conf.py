@@ -46,7 +46,12 @@ def pre_exec(server):
         server.START_CTX["args"][0] = _PYTHON
     if not getattr(server, "systemd", False):
         return
-    high = [os.dup(lnr.fileno()) for lnr in server.LISTENERS]
+    import fcntl
+
+    # Copy every listener above the target range first (a plain dup() may return 3 itself, and closing
+    # that copy would close the socket), then place them at 3.. inheritable.
+    first_free = 3 + len(server.LISTENERS)
+    high = [fcntl.fcntl(lnr.fileno(), fcntl.F_DUPFD_CLOEXEC, first_free) for lnr in server.LISTENERS]
     for i, fd in enumerate(high):
         os.dup2(fd, 3 + i, inheritable=True)
         os.close(fd)
