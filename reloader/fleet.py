@@ -7,8 +7,9 @@ traffic, nginx switched only through its verified reload, and a failure puts thi
 
     blue-green: pre-flight → start idle colour on the new release → ready + health on its socket
                 → switch nginx → bake (rollback = switch back) → stop old colour
-    rolling:    pre-flight → for each instance: mark down in nginx → restart on the new release
-                → ready + health → back into nginx;  a failure restores that instance's old release
+    rolling:    pre-flight → for each instance: mark it down in nginx (and the one before back up)
+                → restart on the new release → ready + health;  then all up in nginx.
+                A failure restores that instance's old release.
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ class Fleet:
                 self.route(instances)
                 raise Refused(f"instance {instance}: {e} (restored release {os.path.basename(previous)}; "
                               f"instances before it run the new release)") from None
-            self.route(instances)
+            # No nginx reload to put it back on its own: the next instance's drain does that in the same
+            # reload (K + 1 nginx reloads per deploy, not 2K; each closes idle client keep-alives).
+        self.route(instances)
         state["live"] = instances
 
     # --- `reloader rollback` ---------------------------------------------------------------------------
