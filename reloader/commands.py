@@ -60,18 +60,11 @@ def cmd_exec_reload(args: argparse.Namespace) -> int:
             bus.close()
 
 
-def cmd_instances_start(args: argparse.Namespace) -> int:
-    """``ExecStart=`` of a blue-green/rolling controller unit: bring the live instances up."""
+def cmd_instances(args: argparse.Namespace) -> int:
+    """``ExecStart=``/``ExecStop=`` of a blue-green/rolling controller unit: bring the instances up or down."""
     from . import fleet
 
-    return fleet.run(load(args.config), "start")
-
-
-def cmd_instances_stop(args: argparse.Namespace) -> int:
-    """``ExecStop=`` of a blue-green/rolling controller unit: stop every instance and wait."""
-    from . import fleet
-
-    return fleet.run(load(args.config), "stop")
+    return fleet.run(load(args.config), args.action)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -455,13 +448,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("instances-start", help="(systemd hook) blue-green/rolling controller's ExecStart=")
-    p.add_argument("config", metavar="CONFIG")
-    p.set_defaults(func=cmd_instances_start)
-
-    p = sub.add_parser("instances-stop", help="(systemd hook) blue-green/rolling controller's ExecStop=")
-    p.add_argument("config", metavar="CONFIG")
-    p.set_defaults(func=cmd_instances_stop)
+    for action, hook in (("start", "ExecStart="), ("stop", "ExecStop=")):
+        p = sub.add_parser(f"instances-{action}", help=f"(systemd hook) blue-green/rolling controller's {hook}")
+        p.add_argument("config", metavar="CONFIG")
+        p.set_defaults(func=cmd_instances, action=action)
 
     p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
     p.set_defaults(func=cmd_nginx_reload)

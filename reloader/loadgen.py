@@ -355,12 +355,13 @@ class RequestStats:
         stats = cls()
         latencies: list[float] = []
         for rec in records:
-            stats._add(rec)
+            stats.add(rec)
             latencies.append(rec.latency)
         stats.latency = LatencySummary.from_seconds(latencies)
         return stats
 
-    def _add(self, rec: Record) -> None:
+    def add(self, rec: Record) -> None:
+        """Count *rec* (latencies are summarised separately, from the records)."""
         self.total += 1
         if rec.kind == OK:
             self.ok += 1
@@ -560,28 +561,6 @@ class Report:
 # --------------------------------------------------------------------------------------------------------
 
 
-class _Counters:
-    __slots__ = ("total", "ok", "failures", "keepalive_retries", "versions")
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.ok = 0
-        self.failures: dict[str, int] = {}
-        self.keepalive_retries = 0
-        self.versions: dict[str, int] = {}
-
-    def add(self, rec: Record) -> None:
-        self.total += 1
-        if rec.kind == OK:
-            self.ok += 1
-        else:
-            self.failures[rec.kind] = self.failures.get(rec.kind, 0) + 1
-        if rec.keepalive_retry:
-            self.keepalive_retries += 1
-        if rec.version is not None:
-            self.versions[rec.version] = self.versions.get(rec.version, 0) + 1
-
-
 def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     out = dict(a)
     for k, v in b.items():
@@ -606,7 +585,7 @@ class LoadGenerator:
         self._threads: list[threading.Thread] = []
         self._records: list[Record] = []
         self._dropped = 0
-        self._counters = {"regular": _Counters(), "long": _Counters()}
+        self._counters = {"regular": RequestStats(), "long": RequestStats()}
         self._in_flight = 0
         self._marks: list[tuple[str, float]] = []
         self._started: float | None = None
