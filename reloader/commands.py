@@ -16,8 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .config import CONFIG_DIR, STATE_DIR, AppConfig, load
@@ -247,19 +245,11 @@ def _job_ok(sd: object, unit: str, result: str, verb: str) -> None:
 
 
 def _http_status(app: AppConfig) -> int:
-    listen = app.nginx.listen[0]
-    host_port = listen if ":" in listen else f"127.0.0.1:{listen}"
-    if host_port.startswith("0.0.0.0:"):
-        host_port = "127.0.0.1:" + host_port.split(":")[1]
-    host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
-    req = urllib.request.Request(f"http://{host_port}{app.health_path}", headers={"Host": host})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
+    """The health path's status through the app's nginx site (0 when nothing answered)."""
+    from .verify import _probe, target_of
+
+    host_port, host = target_of(app.nginx.listen[0], app.nginx.server_name)
+    return _probe(f"http://{host_port}{app.health_path}", {"Host": host or "localhost"}, 10)[0]
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:

@@ -172,6 +172,19 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def get_status(conn: http.client.HTTPConnection, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    """One GET on *conn*, which it closes: ``(HTTP status, "")``, or ``(0, why there was no answer)``."""
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, ""
+    except (OSError, http.client.HTTPException) as e:
+        return 0, f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+
+
 def _make_connection(target: Target, timeout: float) -> http.client.HTTPConnection:
     if target.unix_socket is not None:
         return UnixHTTPConnection(target.unix_socket, timeout)

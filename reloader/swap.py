@@ -12,11 +12,9 @@ the old one, which was never touched, keeps serving. The helper exits non-zero a
 from __future__ import annotations
 
 import fcntl
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 from . import proc
 from .config import AppConfig
+from .loadgen import UnixHTTPConnection, get_status
 
 #: How much more time to ask systemd for whenever we are still making progress.
 EXTEND_USEC = 30_000_000
@@ -398,30 +397,11 @@ def _last_json(text: str) -> dict | None:
     return None
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
 def _health(app: AppConfig, timeout: float = 5.0, socket_path: str = "") -> tuple[int, str]:
     """GET the health path through the app's socket: (HTTP status, "") or (0, why there was no answer)."""
-    conn = _UnixHTTPConnection(socket_path or app.socket, timeout)
-    try:
-        host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
-        conn.request("GET", app.health_path, headers={"Host": host, "User-Agent": "reloader-bake"})
-        response = conn.getresponse()
-        response.read()
-        return response.status, ""
-    except (OSError, http.client.HTTPException) as e:
-        return 0, f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
+    host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
+    return get_status(UnixHTTPConnection(socket_path or app.socket, timeout), app.health_path,
+                      {"Host": host, "User-Agent": "reloader-bake"})
 
 
 def _rmtree(path: Path) -> None:

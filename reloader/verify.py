@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Failed
-from .loadgen import LatencySummary, LoadConfig, LoadGenerator, Record, Report
+from .loadgen import LatencySummary, LoadConfig, LoadGenerator, Record, Report, get_status
 
 #: Requests that start within this many seconds of the load starting are not part of the baseline
 #: (connection set-up, nginx upstream keep-alive warm-up).
@@ -229,15 +229,8 @@ def _probe(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]
 
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
-    try:
-        conn.request("GET", parts.path or "/", headers=headers)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, ""
-    except (OSError, http.client.HTTPException) as e:
-        return 0, f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return get_status(conn, path, headers)
 
 
 def run_verify(args: argparse.Namespace) -> dict[str, Any]:
