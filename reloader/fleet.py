@@ -25,7 +25,7 @@ from . import proc
 from .bus import Systemd
 from .config import AppConfig
 from .render import upstream
-from .swap import Notifier, Refused, _health, _try_lock, monotonic_usec, preflight, ready_workers, release_of
+from .swap import Notifier, Refused, _health, exclusive, monotonic_usec, preflight, ready_workers, release_of
 
 NGINX = "nginx.service"
 
@@ -237,11 +237,7 @@ class Fleet:
 @contextmanager
 def locked(app: AppConfig, n: Notifier) -> Iterator[None]:
     """One deploy or rollback of an app at a time."""
-    path = Path(app.state_dir) / "lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        if not proc.wait_for(lambda: _try_lock(f), app.ready_timeout, interval=0.2, tick=n.extend):
-            raise Refused("another deploy of this app is still running")
+    with exclusive(Path(app.state_dir) / "lock", app.ready_timeout, n, "deploy"):
         yield
 
 

@@ -293,10 +293,7 @@ class Swap:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """Serialize reloads of one app even when the helper is run by hand next to systemd's."""
-        path = Path(self.app.runtime_dir) / "reload.lock"
-        with open(path, "a") as f:
-            if not proc.wait_for(lambda: _try_lock(f), self.app.ready_timeout, interval=0.2, tick=self.n.extend):
-                raise Refused("another reload of this app is still running")
+        with exclusive(Path(self.app.runtime_dir) / "reload.lock", self.app.ready_timeout, self.n, "reload"):
             yield
 
 
@@ -362,6 +359,16 @@ def worker_exits(ready_dir: Path, master: int) -> set[int]:
     except OSError:
         return set()
     return {int(n[5:]) for n in names if n.startswith("exit-") and n[5:].isdigit()}
+
+
+@contextmanager
+def exclusive(path: Path, timeout: float, n: Notifier, what: str) -> Iterator[None]:
+    """Hold an flock on *path*, waiting up to *timeout* (telling systemd we are still alive meanwhile)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        if not proc.wait_for(lambda: _try_lock(f), timeout, interval=0.2, tick=n.extend):
+            raise Refused(f"another {what} of this app is still running")
+        yield
 
 
 def _try_lock(f: object) -> bool:
