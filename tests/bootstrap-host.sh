@@ -27,11 +27,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get install -y --no-install-recommends "${need_apt[@]}"
 fi
 
-if ! python3 -c 'import pytest, jinja2' 2>/dev/null || ! python3 -m ruff --version >/dev/null 2>&1; then
-    echo "bootstrap-host.sh: pip install pytest jinja2 ruff" >&2
+if ! python3 -c 'import pytest, jinja2, xdist' 2>/dev/null || ! python3 -m ruff --version >/dev/null 2>&1; then
+    echo "bootstrap-host.sh: pip install pytest pytest-xdist jinja2 ruff" >&2
     # Debian's python3 is "externally managed" (PEP 668); this is a throw-away
     # test host, so installing into it is intended.
-    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install pytest jinja2 ruff
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install pytest pytest-xdist jinja2 ruff
 fi
 
 modprobe overlay 2>/dev/null || true

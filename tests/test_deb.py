@@ -20,6 +20,10 @@ import appbed
 import pytest
 import testbed
 
+#: One .deb build per run: with pytest-xdist every test here runs on the same worker (apt's and
+#: dist/'s locks are not shared between workers' session fixtures).
+pytestmark = pytest.mark.xdist_group("deb")
+
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "dist"
 #: What the .deb is made of: a file newer than dist/'s .deb means it must be rebuilt.
