@@ -314,6 +314,15 @@ def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
     assert app.version() == "v4"
     assert_no_failures(app.stop_load(load))
     assert "changed on disk" not in r.stderr
+    # The way back: `reloader install` without the flag renders Type=notify again (its reload deploys
+    # what `current` points at), and reloads go on.
+    app.ship("v5")
+    r = app.c.run(["reloader", "install", "/src/examples/flaskapp.toml"], check=False, timeout=240)
+    assert r.returncode == 0, (r.stdout, r.stderr, app.journal(30))
+    assert app.c.run(["systemctl", "show", "-P", "Type", "flaskapp"]).stdout.strip() == "notify"
+    assert "--notify-reload" not in app.c.read_file("/etc/systemd/system/flaskapp.service")
+    assert app.version() == "v5"
+    reload_to(app, "v6")
 
 
 def test_a_reload_after_a_manual_hup_still_works(container) -> None:
