@@ -1,11 +1,13 @@
 """The demo: boot a real systemd, install the example app with reloader, deploy under load, refuse a bad release.
 
 Run it with ``sudo bash examples/demo`` on a Debian 12 machine (it installs what it needs on the host,
-builds the container image on first use, and removes the container when done).
+builds the container image on first use, and removes the container when done). ``--suite trixie`` runs
+it in a Debian 13 container (systemd 257, nginx 1.26, Python 3.13) instead of Debian 12.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -31,12 +33,18 @@ def sh(app: appbed.App, cmd: str) -> str:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--suite", default="bookworm", choices=("bookworm", "trixie"),
+                        help="the Debian release in the container: bookworm (12, default) or trixie (13)")
+    suite = parser.parse_args(argv).suite
     started = time.monotonic()
-    say("booting systemd in a container (the image is built once, ~2 min)")
-    testbed.ensure_image("bookworm")
-    with testbed.boot("bookworm") as c:
+    say(f"booting systemd in a Debian {suite} container (the image is built once, ~2 min)")
+    testbed.ensure_image(suite)
+    with testbed.boot(suite) as c:
         app = appbed.App(c)
+        print("    " + c.run("systemctl --version | head -1; nginx -v 2>&1; python3 --version").stdout
+              .strip().replace("\n", "  |  "))
         say("reloader install examples/flaskapp.toml")
         r = app.install()
         print("\n".join(f"    {line}" for line in r.stdout.splitlines()[-3:]))

@@ -410,7 +410,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
     p.add_argument("--notify-reload", action="store_true",
                    help="render Type=notify-reload (systemd >= 253). The default Type=notify is more robust: "
-                   "a reload helper killed mid-reload ends the reload at once instead of at TimeoutStartSec")
+                   "a reload helper killed mid-reload ends the reload at once, while under notify-reload "
+                   "(systemd 257) the unit stays reloading until `systemctl restart`; see README")
     p.set_defaults(func=cmd_install)
 
     for alias in ("deploy", "reload"):

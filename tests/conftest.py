@@ -48,9 +48,13 @@ def trixie_image() -> Path:
 
 
 @pytest.fixture
-def container(testbed_image: Path) -> Iterator[testbed.Container]:
-    """A freshly booted bookworm container, stopped after the test."""
-    with testbed.boot("bookworm") as c:
+def container(request: pytest.FixtureRequest) -> Iterator[testbed.Container]:
+    """A freshly booted container, stopped after the test: bookworm, or the suite given by an indirect
+    parameter (``@pytest.mark.parametrize("container", ["trixie"], indirect=True)``, also through ``app``),
+    so one test function proves a guarantee on both Debian releases."""
+    suite = getattr(request, "param", "bookworm")
+    request.getfixturevalue("testbed_image" if suite == "bookworm" else f"{suite}_image")
+    with testbed.boot(suite) as c:
         yield c
 
 

@@ -14,12 +14,15 @@ import time
 from collections.abc import Callable
 
 import appbed
+import pytest
 import testbed
 
 EXAMPLE = "/src/examples/flaskapp.toml"
 MANIFEST = "/var/lib/reloader/flaskapp.json"
 DROPIN = "/etc/systemd/system/nginx.service.d/reloader.conf"
 SERVICE, SOCKET = "flaskapp.service", "flaskapp.socket"
+#: Run a test on Debian 12 (systemd 252, nginx 1.22, Python 3.11) and Debian 13 (257, 1.26, 3.13).
+both_releases = pytest.mark.parametrize("container", ["bookworm", "trixie"], indirect=True)
 
 API_CONFIG = """\
 [app]
@@ -136,6 +139,7 @@ def main_pid(app: appbed.App, unit: str = SERVICE) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+@both_releases
 def test_install_units_files_manifest_user_and_status(app: appbed.App) -> None:
     c = app.c
     svc, sock, nginx = app.props(SERVICE), app.props(SOCKET), app.props("nginx.service")
@@ -345,6 +349,7 @@ def test_deploy_broken_release_keeps_old_generation(app: appbed.App) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+@both_releases
 def test_two_apps_isolated_then_uninstall(app: appbed.App) -> None:
     c = app.c
     c.write_file("/root/api.toml", API_CONFIG)

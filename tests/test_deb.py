@@ -200,15 +200,20 @@ def test_deb_contents_and_metadata(reloader_deb: Path) -> None:
 
 
 # --- the package in a clean container, driving the example app -----------------------------------------
+# The .deb built on Debian 12 must install from Debian 13's own packages too (python3-pystemd 0.13,
+# python3 3.13, systemd 257): the same checks in a trixie container.
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
 def test_apt_install_reload_remove_purge_reinstall_upgrade(reloader_deb: Path, upgrade_deb: Path,
-                                                           testbed_image: Path) -> None:
-    with testbed.boot("bookworm") as c:
+                                                           testbed_image: Path, suite: str) -> None:
+    with testbed.boot(suite) as c:
         assert c.run("command -v reloader", check=False).returncode != 0, "reloader on PATH before the .deb"
         t0 = time.monotonic()
         apt(c, "install", copy_in(c, reloader_deb))
         testbed.log(f"apt install reloader: {time.monotonic() - t0:.1f}s")
         assert dpkg_status(c, "reloader").startswith("install ok installed")
         c.run(["apt-get", "check"])
+        deps = ("python3", "python3-pystemd", "python3-sdnotify", "python3-jinja2", "systemd")
+        testbed.log(f"{suite}: " + ", ".join(f"{d} {dpkg_status(c, d).split()[-1]}" for d in deps))
         assert c.run("command -v reloader").stdout.strip() == "/usr/bin/reloader"
         where = c.run(["python3", "-c", "import reloader.render as r; print(r.__file__, r.templates_dir())"],
                       env={"PYTHONSAFEPATH": "1"}).stdout.split()
