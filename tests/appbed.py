@@ -152,12 +152,15 @@ class App:
 
     # --- load ---------------------------------------------------------------------------------------------
     def start_load(self, *, concurrency: int = 6, long: int = 2, long_path: str = "/slow?s=2",
-                   out: str = "/run/loadgen.json", stop: str = "/run/loadgen.stop") -> subprocess.Popen:
-        """Start the load generator inside the container; :meth:`stop_load` returns its JSON report."""
+                   out: str = "/run/loadgen.json", stop: str = "/run/loadgen.stop",
+                   timeout: float = 10) -> subprocess.Popen:
+        """Start the load generator inside the container; :meth:`stop_load` returns its JSON report.
+
+        *timeout*: seconds a request may take before the client gives up and counts it failed."""
         self.c.run(["rm", "-f", out, stop])
         cmd = ("cd /src && exec python3 -m reloader.loadgen http://127.0.0.1/ "
                f"--concurrency {concurrency} --long {long} --long-path {shlex.quote(long_path)} "
-               f"-H 'Host: {HOST}' --until-file {stop} --out {out} --max-duration 900")
+               f"-H 'Host: {HOST}' --until-file {stop} --out {out} --max-duration 900 --timeout {timeout:g}")
         return self.c.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop_load(self, p: subprocess.Popen, out: str = "/run/loadgen.json",

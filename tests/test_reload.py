@@ -236,7 +236,9 @@ def test_restart_and_stop_drain_in_flight_requests(container) -> None:
     app = App(container)
     app.install()
     assert app.wait_version("v1")
-    load = app.start_load(concurrency=4, long=2, long_path="/slow?s=2")
+    # A restart promises that no connection is refused (they wait in the socket's backlog), not how long
+    # they wait: on a loaded host gunicorn's boot can keep a request waiting past the default 10 s.
+    load = app.start_load(concurrency=4, long=2, long_path="/slow?s=2", timeout=60)
     time.sleep(1)  # let the long requests get in flight before the restart
     r = app.systemctl("restart", "flaskapp")
     assert r.returncode == 0, r.stderr
