@@ -258,7 +258,7 @@ class Fleet:
             "ANSIBLE_LOCAL_TEMP": str(self.tmp / "ansible-tmp"),
             "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.cp_dir),
             "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=/dev/null "
-                                "-o ConnectTimeout=5",
+                                "-o ConnectTimeout=5 -o ServerAliveInterval=2 -o ServerAliveCountMax=3",
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORKS": "10",
         }
