@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +72,6 @@ def test_site_applied_twice_changes_nothing(fleet: fleetbed.Fleet) -> None:
     recap = again.recap()
     assert set(recap) == {*HOSTS, "lb"}, again.out[-2000:]
     assert {h: c["changed"] for h, c in recap.items()} == {h: 0 for h in recap}, again.out[-6000:]
-    assert "already installed and running; nothing changed" in again.out or "ok: [app1]" in again.out
 
 
 @pytest.mark.parametrize("case", ["host-without-toml", "unknown-app", "missing-release"])
@@ -162,35 +162,40 @@ def test_rollback_goes_back_one_release_everywhere(fleet: fleetbed.Fleet) -> Non
 def test_host_dying_mid_roll(fleet: fleetbed.Fleet) -> None:
     release = fleetbed.write_release(fleet.releases, "r5", "v5")
     sampler = fleet.sampler()
-    load = fleet.load()
+    load = fleet.load(records=True)
+    done: dict[str, fleetbed.Run] = {}
     try:
         sampler.wait_traffic(50)
-        done: dict[str, fleetbed.Run] = {}
         t = threading.Thread(target=lambda: done.setdefault("run", fleet.playbook(
             "deploy.yml", reloader_release=str(release))))
         t.start()
-        # While app1 is drained for its turn, app2 dies.
+        # While app1 is out of rotation for its turn, app2 dies.
         assert sampler.wait_for(lambda row: row.get("app1") == "DRAIN", timeout=120), sampler.samples.statuses()
+        died = time.monotonic()
         fleet.stop_host("app2")
         assert sampler.wait_for(lambda row: row.get("app2", "").startswith("DOWN"), timeout=30)
         t.join(timeout=600)
-        run = done["run"]
-        mark = len(sampler.samples.rows)
-        sampler.wait_traffic(0)
+        sampler.wait_traffic(100)  # the balancer still answers, from app1 and app3
     finally:
         report = load.stop()
         samples = sampler.stop()
-    print(f"host dies: rc={run.rc} in {run.seconds:.1f}s; load: {report['summary']}")
+    run = done["run"]
+    after = [r for r in report["records"] if r["start"] >= died]
+    failed_after = [r for r in after if r["kind"] != "ok"]
+    print(f"host dies: rc={run.rc} in {run.seconds:.1f}s; load: {report['summary']}; after the death: "
+          f"{len(after)} requests, {len(failed_after)} failed {sorted({r['kind'] for r in failed_after})}")
 
-    assert run.rc != 0, run.out[-6000:]
+    assert run.rc == 4, run.out[-6000:]  # ansible-playbook: a host was unreachable
     recap = run.recap()
-    assert recap["app2"]["unreachable"] == 1 or recap["app2"]["failed"] == 1, run.out[-3000:]
-    assert "app2" in run.out.split("PLAY RECAP")[0].rsplit("fatal:", 1)[-1], run.out[-3000:]
-    assert "app3" not in recap, run.out[-3000:]
+    assert recap["app2"]["unreachable"] == 1, run.out[-3000:]
+    assert "fatal: [app2]: UNREACHABLE!" in run.out, run.out[-3000:]
+    assert "app3" not in recap, run.out[-3000:]  # the roll stopped at the dead host
     assert fleet.current("app1") == "r5" and fleet.served("app1").get("version") == "v5"
-    assert fleet.current("app3") == "r3" or fleet.current("app3") == "r2"
-    # The balancer kept serving from the others: app1 and app3 in rotation, requests answered after the death.
-    assert fleet.haproxy_states()["app1"] == "UP" and fleet.haproxy_states()["app3"] == "UP"
-    assert report["ok"] > 100
-    assert all(row["app1"] == "UP" or row["app3"] == "UP" for row in samples.statuses()[mark:])
-    assert report["failed"] <= 8, json.dumps(report["first_failures"][:10], indent=1)
+    assert fleet.current("app3") == "r2" and "r5" not in fleet.releases_on("app3")
+    states = fleet.haproxy_states()
+    assert (states["app1"], states["app3"]) == ("UP", "UP") and states["app2"].startswith("DOWN"), states
+    assert sum(r["kind"] == "ok" for r in after) > 100
+    # At most the requests the dead host had in flight can fail (8 clients), none once HAProxy marked it down.
+    assert len(failed_after) <= 8, json.dumps(report["first_failures"][:10], indent=1)
+    down = next(row["t"] for row in samples.rows if row.get("servers", {}).get("app2", "").startswith("DOWN"))
+    assert not [r for r in failed_after if r["start"] > down], json.dumps(failed_after[:10], indent=1)
