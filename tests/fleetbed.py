@@ -139,13 +139,16 @@ class Load:
     """The load generator (reloader/loadgen.py) on the host, inside the network namespace, aimed at HAProxy."""
 
     def __init__(self, net: testbed.Network, tmp: Path, url: str, *, concurrency: int = 6, long: int = 2,
-                 records: bool = False) -> None:
+                 interval: float = 0.05, records: bool = False) -> None:
+        """*interval*: each regular client pauses this long between requests (~100 requests/s in all), so the
+        load is continuous without starving Ansible and the hosts of CPU on a 2-core machine."""
         self.out = tmp / f"load-{time.monotonic_ns()}.json"
         self.stop_file = self.out.with_suffix(".stop")
         cmd = [
             "python3", "-m", "reloader.loadgen", url, "--concurrency", str(concurrency), "--long", str(long),
             "--long-path", "/slow?s=2", "-H", f"Host: {HTTP_HOST}", "--until-file", str(self.stop_file),
-            "--out", str(self.out), "--max-duration", "900", *(["--records"] if records else []),
+            "--out", str(self.out), "--max-duration", "900", "--interval", str(interval),
+            *(["--records"] if records else []),
         ]
         self._p = subprocess.Popen(net.argv(cmd), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    text=True)

@@ -139,9 +139,12 @@ def test_refused_release_stops_the_roll_at_host_1(fleet: fleetbed.Fleet) -> None
     assert run.rc == 2, run.out[-6000:]
     assert "app1: release r4 not deployed" in run.out, run.out[-6000:]
     assert "r4 is broken" in run.out, run.out[-6000:]  # reloader's reason: the pre-flight's error
-    assert "app1 is back in rotation, serving r3" in run.out, run.out[-6000:]
+    assert "app1 is back in rotation, serving r3; the hosts after it were not touched." in run.out, run.out[-6000:]
     recap = run.recap()
-    assert recap["app1"]["failed"] == 1 and "app2" not in recap and "app3" not in recap, run.out[-3000:]
+    assert recap["app1"]["failed"] == 1, run.out[-3000:]
+    # app2 and app3 only ran the read-only pre-flight: nothing changed, never drained
+    assert (recap["app2"]["changed"], recap["app3"]["changed"]) == (0, 0), run.out[-3000:]
+    assert "Drain flaskapp/app2" not in run.out and "Drain flaskapp/app3" not in run.out
     assert_no_failed_requests(report)
     assert "v4" not in report["versions"]
     assert_serving(fleet, "r3", "v3")  # app1 kept serving r3; app2 and app3 never saw r4
@@ -189,7 +192,7 @@ def test_host_dying_mid_roll(fleet: fleetbed.Fleet) -> None:
     recap = run.recap()
     assert recap["app2"]["unreachable"] == 1, run.out[-3000:]
     assert "fatal: [app2]: UNREACHABLE!" in run.out, run.out[-3000:]
-    assert "app3" not in recap, run.out[-3000:]  # the roll stopped at the dead host
+    assert recap["app3"]["changed"] == 0 and "Drain flaskapp/app3" not in run.out  # the roll stopped at app2
     assert fleet.current("app1") == "r5" and fleet.served("app1").get("version") == "v5"
     assert fleet.current("app3") == "r2" and "r5" not in fleet.releases_on("app3")
     states = fleet.haproxy_states()
