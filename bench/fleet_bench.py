@@ -11,7 +11,8 @@ from reloader/loadgen.py against the balancer, keep-alive and new connections pl
 
 Prints, per method: deploy wall time, failed requests (by kind), and capacity during the roll: servers
 HAProxy had in rotation (sampled every 0.2 s: mean and minimum) and throughput (requests/s over the roll,
-and the worst 1-second bucket).  Writes bench/fleet_results.json.
+and the worst 1-second bucket), and the latency (p99, max) of the short requests sent during the roll.
+Writes bench/fleet_results.json.
 
     python3 bench/fleet_bench.py [--rounds N]
 """
@@ -62,6 +63,7 @@ def measure(fleet: fleetbed.Fleet, method: str, release: Path) -> dict[str, Any]
         if r["kind"] == "ok":
             buckets[int(r["start"] - t0)] = buckets.get(int(r["start"] - t0), 0) + 1
     seconds = max(1, int(t1 - t0))
+    latency = sorted(r["latency"] for r in during if not r["long"])
     rows = [row for row in samples.rows if "servers" in row and t0 <= row["t"] <= t1]
     up = [sum(s.startswith("UP") for s in row["servers"].values()) for row in rows]
     return {
@@ -75,6 +77,8 @@ def measure(fleet: fleetbed.Fleet, method: str, release: Path) -> dict[str, Any]
         "servers_up_min": min(up) if up else None,
         "throughput_rps": round(sum(buckets.values()) / (t1 - t0), 1),
         "throughput_worst_1s": min(buckets.get(i, 0) for i in range(seconds)),
+        "latency_p99_ms": round(1000 * latency[int(0.99 * (len(latency) - 1))], 1) if latency else None,
+        "latency_max_ms": round(1000 * latency[-1], 1) if latency else None,
         "load": report["summary"],
     }
 
@@ -97,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print()
     print("| method | deploy wall time | failed requests | servers in rotation (mean / min of 3) "
-          "| throughput during the roll (mean / worst 1 s) |")
-    print("|---|---|---|---|---|")
+          "| throughput during the roll (mean / worst 1 s) | latency p99 / max |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items()))
         print(f"| {r['method']} | {r['deploy_s']} s | {r['failed']} of {r['requests']}"
               f"{' (' + kinds + ')' if kinds else ''} | {r['servers_up_mean']} / {r['servers_up_min']} "
-              f"| {r['throughput_rps']} / {r['throughput_worst_1s']} req/s |")
+              f"| {r['throughput_rps']} / {r['throughput_worst_1s']} req/s "
+              f"| {r['latency_p99_ms']} / {r['latency_max_ms']} ms |")
     return 0
 
 

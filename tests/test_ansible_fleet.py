@@ -57,7 +57,13 @@ def assert_serving(fleet: fleetbed.Fleet, release: str, version: str, hosts: tup
         assert fleet.current(host) == release, host
         served = fleet.served(host)
         assert (served.get("release"), served.get("version")) == (release, version), (host, served)
-    assert fleet.haproxy_states() == {h: "UP" for h in HOSTS}
+    assert_in_rotation(fleet, HOSTS)
+
+
+def assert_in_rotation(fleet: fleetbed.Fleet, hosts: tuple[str, ...]) -> None:
+    """HAProxy has *hosts* in rotation: UP, or "UP 1/3" (one slow check on a busy machine; still serving)."""
+    states = fleet.haproxy_states()
+    assert all(states[h].startswith("UP") for h in hosts), states
 
 
 def test_site_applied_twice_changes_nothing(fleet: fleetbed.Fleet) -> None:
@@ -98,7 +104,7 @@ def test_bad_inventory_fails_before_touching_any_host(fleet: fleetbed.Fleet, cas
     assert all(c["changed"] == 0 for c in run.recap().values()), run.out[-3000:]
     assert {h: fleet.current(h) for h in HOSTS} == before
     assert all("r-unused" not in fleet.releases_on(h) for h in HOSTS)
-    assert fleet.haproxy_states() == {h: "UP" for h in HOSTS}
+    assert_in_rotation(fleet, HOSTS)
 
 
 def test_rolling_deploy_under_load_fails_no_request(fleet: fleetbed.Fleet) -> None:
@@ -113,7 +119,7 @@ def test_rolling_deploy_under_load_fails_no_request(fleet: fleetbed.Fleet) -> No
     # serial 1: one host out of rotation at a time, and it was taken out (drained) for its turn
     assert samples.max_drained() == 1, samples.statuses()
     assert samples.min_up() == len(HOSTS) - 1, samples.statuses()
-    assert all(any(row.get(h) == "DRAIN" for row in samples.statuses()) for h in HOSTS)
+    assert all(any(row.get(h, "").startswith("DRAIN") for row in samples.statuses()) for h in HOSTS)
     for host in HOSTS:
         assert fleet.apps[host].run("readlink /srv/flaskapp/previous").stdout.strip().endswith("/r1")
 
@@ -150,7 +156,7 @@ def test_refused_release_stops_the_roll_at_host_1(fleet: fleetbed.Fleet) -> None
     assert_serving(fleet, "r3", "v3")  # app1 kept serving r3; app2 and app3 never saw r4
     assert "r4" in fleet.releases_on("app1")
     assert all("r4" not in fleet.releases_on(h) for h in ("app2", "app3"))
-    assert not any(row.get(h) == "DRAIN" for row in samples.statuses() for h in ("app2", "app3"))
+    assert not any(row.get(h, "").startswith("DRAIN") for row in samples.statuses() for h in ("app2", "app3"))
 
 
 def test_rollback_goes_back_one_release_everywhere(fleet: fleetbed.Fleet) -> None:
@@ -173,7 +179,8 @@ def test_host_dying_mid_roll(fleet: fleetbed.Fleet) -> None:
             "deploy.yml", reloader_release=str(release))))
         t.start()
         # While app1 is out of rotation for its turn, app2 dies.
-        assert sampler.wait_for(lambda row: row.get("app1") == "DRAIN", timeout=120), sampler.samples.statuses()
+        drained = sampler.wait_for(lambda row: row.get("app1", "").startswith("DRAIN"), timeout=120)
+        assert drained, sampler.samples.statuses()
         died = time.monotonic()
         fleet.stop_host("app2")
         assert sampler.wait_for(lambda row: row.get("app2", "").startswith("DOWN"), timeout=30)
@@ -195,8 +202,8 @@ def test_host_dying_mid_roll(fleet: fleetbed.Fleet) -> None:
     assert recap["app3"]["changed"] == 0 and "Drain flaskapp/app3" not in run.out  # the roll stopped at app2
     assert fleet.current("app1") == "r5" and fleet.served("app1").get("version") == "v5"
     assert fleet.current("app3") == "r2" and "r5" not in fleet.releases_on("app3")
-    states = fleet.haproxy_states()
-    assert (states["app1"], states["app3"]) == ("UP", "UP") and states["app2"].startswith("DOWN"), states
+    assert_in_rotation(fleet, ("app1", "app3"))
+    assert fleet.haproxy_states()["app2"].startswith("DOWN")
     assert sum(r["kind"] == "ok" for r in after) > 100
     # At most the requests the dead host had in flight can fail (8 clients), none once HAProxy marked it down.
     assert len(failed_after) <= 8, json.dumps(report["first_failures"][:10], indent=1)
