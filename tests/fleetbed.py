@@ -31,9 +31,9 @@ APP_ADDRESS = 11  # app1 is .11, app2 .12, ...
 
 #: Prints one JSON line per sample: HAProxy's status of every server of the backend (run on the LB).
 SAMPLER = r"""
-import json, socket, sys, time
-backend, period = sys.argv[1], float(sys.argv[2])
-while True:
+import json, os, socket, sys, time
+backend, period, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+while not os.path.exists(stop):
     try:
         s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect("/run/haproxy/admin.sock")
         s.sendall(b"show stat\n"); data = b""
@@ -93,8 +93,10 @@ class Sampler:
 
     def __init__(self, lb: testbed.Container, backend: str = APP, period: float = 0.2) -> None:
         self.samples = Samples()
-        self._p = lb.popen(["python3", "-c", SAMPLER, backend, str(period)], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True)
+        self._lb = lb
+        self._stop_file = f"/run/sampler-{time.monotonic_ns()}.stop"
+        self._p = lb.popen(["python3", "-c", SAMPLER, backend, str(period), self._stop_file],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -129,9 +131,10 @@ class Sampler:
         raise testbed.TestbedError(f"HAProxy saw fewer than {requests} requests in {timeout:g} s")
 
     def stop(self) -> Samples:
-        self._p.kill()  # the host-side nsenter; the loop dies with its pipe
-        self._p.wait(timeout=10)
-        self._thread.join(timeout=10)
+        """Ask the loop to end (a stop file, so nothing is killed) and collect what it printed."""
+        self._lb.run(["touch", self._stop_file])
+        self._p.wait(timeout=30)
+        self._thread.join(timeout=30)
         return self.samples
 
 
