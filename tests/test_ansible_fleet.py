@@ -5,7 +5,8 @@ examples/flaskapp, and 1 HAProxy host, on a bridge in a network namespace of the
 scenarios run in order and each starts from what the previous one left:
 
     site.yml twice → changed=0 · bad inventory → fails before touching a host · rolling deploy (serial 1)
-    → rolling deploy (serial 2) → a release refused on host 1 → rollback → a host dies mid-roll
+    → rolling deploy (serial 2, the release as a .tar.gz) → a release refused on host 1 → rollback
+    → a host dies mid-roll
 
 Load: reloader/loadgen.py on the host (inside the namespace) against HAProxy, keep-alive and new
 connections, plus long requests (/slow?s=2) always in flight.
@@ -14,6 +15,7 @@ connections, plus long requests (/slow?s=2) always in flight.
 from __future__ import annotations
 
 import json
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -124,8 +126,11 @@ def test_rolling_deploy_under_load_fails_no_request(fleet: fleetbed.Fleet) -> No
         assert fleet.apps[host].run("readlink /srv/flaskapp/previous").stdout.strip().endswith("/r1")
 
 
-def test_rolling_deploy_serial_2(fleet: fleetbed.Fleet) -> None:
-    release = fleetbed.write_release(fleet.releases, "r3", "v3")
+def test_rolling_deploy_serial_2_from_an_archive(fleet: fleetbed.Fleet) -> None:
+    tree = fleetbed.write_release(fleet.tmp / "archived", "r3", "v3")
+    release = fleet.releases / "r3.tar.gz"
+    with tarfile.open(release, "w:gz") as tar:
+        tar.add(tree / "app.py", arcname="app.py")
 
     run, report, samples = roll(fleet, "deploy.yml", reloader_release=str(release), reloader_serial=2)
 
