@@ -19,6 +19,9 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v python3 >/dev/null || need_apt+=(python3)
 # pip downloads the container's wheels on the host.
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# The fleet tests (tests/test_ansible_fleet.py) drive the containers with Debian's Ansible over SSH.
+command -v ansible-playbook >/dev/null || need_apt+=(ansible-core)
+command -v ssh >/dev/null || need_apt+=(openssh-client)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "bootstrap-host.sh: apt-get install ${need_apt[*]}" >&2

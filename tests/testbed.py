@@ -68,7 +68,16 @@ APT_PACKAGES = (
     "procps",
     "iproute2",
     "less",
+    # Fleet tests (tests/test_ansible_fleet.py): Ansible reaches the containers over SSH and one of them is
+    # the HAProxy load balancer.  Both units are disabled in the image; only those tests start them.
+    "openssh-server",
+    "haproxy",
+    "socat",
+    # Ansible's apt module (the reloader_app and haproxy roles) needs it on the managed host.
+    "python3-apt",
 )
+#: Installed but not started at boot, so the other tests' containers boot as fast as before.
+DISABLED_UNITS = ("ssh.service", "ssh.socket", "haproxy.service")
 PIP_REQUIREMENTS = ("gunicorn==27.0.1", "flask")
 # Units that only slow a container down or fail on a read-only console.
 MASKED_UNITS = (
@@ -367,6 +376,10 @@ def _build_rootfs(suite: str, root: Path, mirror: str) -> None:
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
+    for unit in DISABLED_UNITS:
+        # Not glob(): it follows the links, and their absolute targets do not exist on the host.
+        for wants in (root / "etc/systemd/system").glob("*.wants"):
+            (wants / unit).unlink(missing_ok=True)
     _chroot(root, "passwd", "-d", "root")
     # Empty machine-id: each boot gets a fresh transient one, no first-boot logic.
     (root / "etc/machine-id").write_text("")
@@ -382,6 +395,7 @@ def recipe_key(suite: str) -> str:
         repr(APT_PACKAGES),
         repr(PIP_REQUIREMENTS),
         repr(MASKED_UNITS),
+        repr(DISABLED_UNITS),
         inspect.getsource(_build_rootfs),
         inspect.getsource(_chroot_mounts),
         inspect.getsource(_chroot),
@@ -469,8 +483,11 @@ def _find_container_pid1(nspawn_pid: int) -> int | None:
 class Container:
     """A booted container; build with :func:`boot`, always :meth:`stop` it."""
 
-    def __init__(self, suite: str, image: Path, binds: Sequence[str] = ()) -> None:
+    def __init__(self, suite: str, image: Path, binds: Sequence[str] = (), network: Network | None = None,
+                 address: str = "") -> None:
         self.suite = suite
+        self.network = network
+        self.address = address
         self.image = image
         self.name = f"rt-{os.getpid()}-{secrets.token_hex(3)}"
         RUN_DIR.mkdir(parents=True, exist_ok=True)
@@ -525,11 +542,14 @@ class Container:
             "--register=no",
             "--keep-unit",
             "--console=read-only",
-            "--private-network",
+            *(["--private-network"] if self.network is None else [f"--network-bridge={self.network.bridge}"]),
             f"--machine={self.name}",
             f"--bind-ro={REPO_ROOT}:/src",
             *(f"--bind={b}" for b in self.binds),
         ]
+        if self.network is not None:
+            # nspawn creates its veth in the namespace it runs in: the test's, where the bridge is.
+            cmd = ["nsenter", f"--net={self.network.path}", "--", *cmd]
         # A tiny wrapper moves itself into the new cgroups, then execs nspawn,
         # so nspawn never runs (or forks) in the caller's cgroup.
         wrapper = (
@@ -550,6 +570,8 @@ class Container:
                 start_new_session=True,
             )
         self._wait_running()
+        if self.network is not None:
+            self.network.configure(self)
 
     def _nspawn_log(self) -> str:
         try:
@@ -805,6 +827,11 @@ def cleanup_stale(*, kill: bool = False) -> list[str]:
         c._remove_cgroups()
         _remove_nspawn_leftovers(name)
         removed.append(name)
+    for ns in sorted(NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []:
+        m = re.fullmatch(r"rt-(\d+)-[0-9a-f]+", ns.name)
+        if m and not _alive(int(m.group(1))):
+            delete_netns(ns.name)
+            removed.append(f"netns {ns.name}")
     propagate = NSPAWN_RUN / "propagate"
     for d in propagate.iterdir() if propagate.is_dir() else []:
         m = re.fullmatch(r"rt-(\d+)-[0-9a-f]+", d.name)
@@ -814,12 +841,95 @@ def cleanup_stale(*, kill: bool = False) -> list[str]:
     return removed
 
 
-def boot(suite: str = "bookworm", binds: Sequence[str] = ()) -> Container:
-    """Boot a fresh container of ``suite``; ``binds`` are nspawn ``--bind=`` specs."""
+# --------------------------------------------------------------------------
+# A private network for several containers
+# --------------------------------------------------------------------------
+
+NETNS_DIR = Path("/run/netns")
+
+
+class Network:
+    """A network namespace of the test's own with one bridge in it.
+
+    Containers booted with ``boot(network=net, address=...)`` get a veth on the bridge and a static
+    address on ``host0`` (no DHCP: nothing to wait for).  The host side (Ansible, load generators) joins
+    the namespace with :meth:`argv`, the bridge's own address is the controller's, so test traffic never
+    leaves the namespace.
+
+    Why ``nsenter --net`` and not ``ip netns exec``: the latter remounts a fresh /sys, which hides the
+    cgroup tree nspawn needs ("No medium found").  Always use it as a context manager (or call
+    :meth:`close`): the namespace, its bridge and veths are deleted on the way out.
+    """
+
+    def __init__(self, prefix: str = "10.77.0") -> None:
+        self.name = f"rt-{os.getpid()}-{secrets.token_hex(3)}"
+        self.path = str(NETNS_DIR / self.name)
+        self.bridge = "br0"
+        self.prefix = prefix
+        self.controller = self.address(1)
+        self._created = False
+
+    def address(self, n: int) -> str:
+        """The ``n``-th address of the subnet (1 is the controller on the bridge)."""
+        return f"{self.prefix}.{n}"
+
+    def __enter__(self) -> Network:
+        _sh(["ip", "netns", "add", self.name])
+        self._created = True
+        try:
+            ip = ["ip", "-n", self.name]
+            _sh([*ip, "link", "set", "lo", "up"])
+            _sh([*ip, "link", "add", self.bridge, "type", "bridge"])
+            _sh([*ip, "addr", "add", f"{self.controller}/24", "dev", self.bridge])
+            _sh([*ip, "link", "set", self.bridge, "up"])
+        except BaseException:
+            self.close()
+            raise
+        log(f"network {self.name}: bridge {self.bridge} {self.controller}/24")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def configure(self, c: Container) -> None:
+        """Give a freshly booted container its static address on ``host0``."""
+        if not c.address:
+            raise TestbedError(f"{c.name}: boot(network=...) needs an address")
+        c.run(["ip", "addr", "add", f"{c.address}/24", "dev", "host0"])
+        c.run(["ip", "link", "set", "host0", "up"])
+
+    def argv(self, cmd: Sequence[str]) -> list[str]:
+        """``cmd`` run on the host but inside this network namespace."""
+        return ["nsenter", f"--net={self.path}", "--", *cmd]
+
+    def close(self) -> None:
+        """Delete the veths, the bridge and the namespace (idempotent)."""
+        if not self._created:
+            return
+        self._created = False
+        delete_netns(self.name)
+
+
+def delete_netns(name: str) -> None:
+    """Remove every link of namespace ``name`` but lo, then the namespace itself."""
+    r = subprocess.run(["ip", "-n", name, "-o", "link", "show"], capture_output=True, text=True, check=False)
+    links = [line.split(":")[1].strip().split("@")[0] for line in r.stdout.splitlines() if ":" in line]
+    for link in sorted((x for x in links if x != "lo"), key=lambda x: x == "br0"):  # veths first
+        subprocess.run(["ip", "-n", name, "link", "del", link], capture_output=True, check=False)
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+
+
+def boot(suite: str = "bookworm", binds: Sequence[str] = (), *, network: Network | None = None,
+         address: str = "") -> Container:
+    """Boot a fresh container of ``suite``; ``binds`` are nspawn ``--bind=`` specs.
+
+    With ``network``, the container sits on that :class:`Network`'s bridge at ``address`` instead of
+    having a private network of its own.
+    """
     image = ensure_image(suite)
     cleanup_stale()
     t0 = time.monotonic()
-    c = Container(suite, image, binds)
+    c = Container(suite, image, binds, network, address)
     try:
         c._start()
     except BaseException:

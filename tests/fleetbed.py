@@ -1,0 +1,325 @@
+"""A fleet in the test bed: app hosts behind an HAProxy host, driven by the repo's Ansible playbooks.
+
+``Fleet`` boots N app-host containers and one load-balancer container on a :class:`testbed.Network`
+bridge, authorises a throw-away SSH key in each, applies ``ansible/site.yml`` (reloader + the example app
+on the app hosts, HAProxy on the balancer) and then offers what the fleet tests and bench/fleet_bench.py
+need: run a playbook, put load on the balancer, sample which servers HAProxy has in rotation, and read
+what each host serves.  Ansible and the load generator run on the host, inside the test's network
+namespace, so every packet stays on the test's bridge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import testbed
+
+REPO = testbed.REPO_ROOT
+ANSIBLE = REPO / "ansible"
+APP = "flaskapp"
+HTTP_HOST = "flaskapp.example"
+LB_ADDRESS = 10
+APP_ADDRESS = 11  # app1 is .11, app2 .12, ...
+
+#: Prints one JSON line per sample: HAProxy's status of every server of the backend (run on the LB).
+SAMPLER = r"""
+import json, os, socket, sys, time
+backend, period, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+while not os.path.exists(stop):
+    try:
+        s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect("/run/haproxy/admin.sock")
+        s.sendall(b"show stat\n"); data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        lines = data.decode().splitlines()
+        names = lines[0][2:].split(",")
+        rows = [dict(zip(names, line.split(","))) for line in lines[1:] if line]
+        mine = [r for r in rows if r["pxname"] == backend and r["svname"] not in ("FRONTEND", "BACKEND")]
+        print(json.dumps({"t": time.monotonic(), "servers": {r["svname"]: r["status"] for r in mine},
+                          "stot": {r["svname"]: int(r["stot"] or 0) for r in mine}}), flush=True)
+    except OSError as e:
+        print(json.dumps({"t": time.monotonic(), "error": str(e)}), flush=True)
+    time.sleep(period)
+"""
+
+
+@dataclass
+class Run:
+    """One ansible-playbook run: exit status, combined output, wall time."""
+
+    rc: int
+    out: str
+    seconds: float
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        """PLAY RECAP counters per host (ok, changed, unreachable, failed, ...)."""
+        hosts: dict[str, dict[str, int]] = {}
+        for m in re.finditer(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", self.out, re.M):
+            hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+        return hosts
+
+
+@dataclass
+class Samples:
+    """HAProxy server states sampled on the balancer during a run."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def statuses(self) -> list[dict[str, str]]:
+        return [r["servers"] for r in self.rows if "servers" in r]
+
+    def min_up(self) -> int:
+        return min((sum(s.startswith("UP") for s in row.values()) for row in self.statuses()), default=0)
+
+    def max_drained(self) -> int:
+        return max((sum(s.startswith("DRAIN") for s in row.values()) for row in self.statuses()), default=0)
+
+    def mean_up(self) -> float:
+        rows = self.statuses()
+        return sum(sum(s.startswith("UP") for s in row.values()) for row in rows) / len(rows) if rows else 0.0
+
+
+class Sampler:
+    """Background sampling of HAProxy's server states (a python loop in the LB container)."""
+
+    def __init__(self, lb: testbed.Container, backend: str = APP, period: float = 0.2) -> None:
+        self.samples = Samples()
+        self._lb = lb
+        self._stop_file = f"/run/sampler-{time.monotonic_ns()}.stop"
+        self._p = lb.popen(["python3", "-c", SAMPLER, backend, str(period), self._stop_file],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._p.stdout is not None
+        for line in self._p.stdout:
+            self.samples.rows.append(json.loads(line))
+
+    def wait_for(self, predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+        """Wait until a sample satisfies *predicate* (a dict server -> status)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            rows = self.samples.statuses()
+            if any(predicate(r) for r in rows[seen:]):
+                return True
+            seen = len(rows)
+            time.sleep(0.1)
+        return False
+
+    def wait_traffic(self, requests: int, timeout: float = 30) -> None:
+        """Wait until HAProxy has sent *requests* more sessions to the servers than at the first sample."""
+        if not self.wait_for(lambda r: True, timeout):
+            raise testbed.TestbedError("no HAProxy sample")
+        base = sum(next(r for r in self.samples.rows if "stot" in r)["stot"].values())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = next((r for r in reversed(self.samples.rows) if "stot" in r), None)
+            if last and sum(last["stot"].values()) >= base + requests:
+                return
+            time.sleep(0.1)
+        raise testbed.TestbedError(f"HAProxy saw fewer than {requests} requests in {timeout:g} s")
+
+    def stop(self) -> Samples:
+        """Ask the loop to end (a stop file, so nothing is killed) and collect what it printed."""
+        self._lb.run(["touch", self._stop_file])
+        self._p.wait(timeout=30)
+        self._thread.join(timeout=30)
+        return self.samples
+
+
+class Load:
+    """The load generator (reloader/loadgen.py) on the host, inside the network namespace, aimed at HAProxy."""
+
+    def __init__(self, net: testbed.Network, tmp: Path, url: str, *, concurrency: int = 6, long: int = 2,
+                 interval: float = 0.05, records: bool = False) -> None:
+        """*interval*: each regular client pauses this long between requests (~100 requests/s in all), so the
+        load is continuous without starving Ansible and the hosts of CPU on a 2-core machine."""
+        self.out = tmp / f"load-{time.monotonic_ns()}.json"
+        self.stop_file = self.out.with_suffix(".stop")
+        cmd = [
+            "python3", "-m", "reloader.loadgen", url, "--concurrency", str(concurrency), "--long", str(long),
+            "--long-path", "/slow?s=2", "-H", f"Host: {HTTP_HOST}", "--until-file", str(self.stop_file),
+            "--out", str(self.out), "--max-duration", "900", "--interval", str(interval),
+            *(["--records"] if records else []),
+        ]
+        self._p = subprocess.Popen(net.argv(cmd), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+
+    def stop(self) -> dict:
+        self.stop_file.touch()
+        try:
+            self._p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._p.kill()
+            self._p.wait()
+            raise
+        if not self.out.exists():
+            raise testbed.TestbedError(f"load generator wrote no report: {self._p.stderr.read()}")
+        return json.loads(self.out.read_text())
+
+
+def write_release(root: Path, name: str, version: str, *, extra: str = "") -> Path:
+    """A release directory of the example app on the controller, VERSION = *version*, *extra* appended."""
+    src = (REPO / "examples/flaskapp/app.py").read_text()
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "app.py").write_text(src.replace('VERSION = "v1"', f"VERSION = {version!r}") + extra)
+    return d
+
+
+class Fleet:
+    """App hosts app1..appN and the balancer lb, set up with ansible/site.yml.  Use as a context manager."""
+
+    def __init__(self, tmp: Path, hosts: int = 3) -> None:
+        self.tmp = tmp
+        self.n = hosts
+        self.net = testbed.Network()
+        self.lb: testbed.Container | None = None
+        self.apps: dict[str, testbed.Container] = {}
+        self.releases = tmp / "releases"
+        self.key = tmp / "id_ed25519"
+        self.inventory = tmp / "inventory.yml"
+        self.cp_dir = tmp / "cp"
+        self.site: Run | None = None
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def __enter__(self) -> Fleet:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        self.net.__enter__()
+        self.cp_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "reloader-fleet-test", "-f",
+                        str(self.key)], check=True)
+        pub = self.key.with_suffix(".pub").read_text()
+        self.lb = testbed.boot(network=self.net, address=self.net.address(LB_ADDRESS))
+        for i in range(1, self.n + 1):
+            self.apps[f"app{i}"] = testbed.boot(network=self.net, address=self.net.address(APP_ADDRESS + i - 1))
+        for c in self.containers():
+            c.write_file("/root/.ssh/authorized_keys", pub, mode=0o600)
+            c.run("chmod 700 /root/.ssh && systemctl start ssh.service")
+        for c in self.apps.values():
+            # The app's virtualenv is the image's (provisioning the venv is the app's business, not reloader's).
+            c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
+        self.write_inventory()
+        write_release(self.releases, "r1", "v1")
+        self.site = self.playbook("site.yml", reloader_initial_release=str(self.releases / "r1"))
+        if self.site.rc != 0:
+            raise testbed.TestbedError(f"site.yml failed ({self.site.rc}):\n{self.site.out[-6000:]}")
+
+    def containers(self) -> list[testbed.Container]:
+        return ([self.lb] if self.lb else []) + list(self.apps.values())
+
+    def write_inventory(self, path: Path | None = None, app_hosts: list[str] | None = None) -> Path:
+        """The inventory: group ``app`` (app1..N, or *app_hosts*), group ``loadbalancer`` (lb)."""
+        address = {"lb": self.net.address(LB_ADDRESS)}
+        address |= {f"app{i}": self.net.address(APP_ADDRESS + i - 1) for i in range(1, self.n + 1)}
+        hosts = app_hosts or list(self.apps)
+        doc = {
+            "all": {
+                "vars": {
+                    "ansible_user": "root",
+                    "ansible_python_interpreter": "/usr/bin/python3",
+                    "reloader_app_name": APP,
+                    "reloader_app_config": str(REPO / "examples/flaskapp.toml"),
+                    "reloader_http_host": HTTP_HOST,
+                },
+                "children": {
+                    "app": {"hosts": {h: {"ansible_host": address[h]} for h in hosts}},
+                    "loadbalancer": {"hosts": {"lb": {"ansible_host": address["lb"]}}},
+                },
+            }
+        }
+        path = path or self.inventory
+        path.write_text(json.dumps(doc, indent=2) + "\n")  # JSON is YAML
+        return path
+
+    # --- driving ------------------------------------------------------------------------------------------
+    def playbook(self, name: str, *, inventory: Path | None = None, timeout: float = 600, **extra: object) -> Run:
+        """ansible-playbook ansible/NAME with extra vars, on the host inside the namespace."""
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")},
+            "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
+            "ANSIBLE_HOST_KEY_CHECKING": "False",
+            "ANSIBLE_PRIVATE_KEY_FILE": str(self.key),
+            "ANSIBLE_LOCAL_TEMP": str(self.tmp / "ansible-tmp"),
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.cp_dir),
+            "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=/dev/null "
+                                "-o ConnectTimeout=5 -o ServerAliveInterval=2 -o ServerAliveCountMax=3",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORKS": "10",
+        }
+        cmd = ["ansible-playbook", "-i", str(inventory or self.inventory), str(ANSIBLE / name)]
+        if extra:
+            cmd += ["-e", json.dumps(extra)]
+        t0 = time.monotonic()
+        p = subprocess.run(self.net.argv(cmd), env=env, cwd=ANSIBLE, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        run = Run(p.returncode, p.stdout, time.monotonic() - t0)
+        testbed.log(f"ansible-playbook {name} {shlex.join(cmd[4:])}: rc={run.rc} in {run.seconds:.1f}s")
+        return run
+
+    def load(self, **kw: object) -> Load:
+        return Load(self.net, self.tmp, f"http://{self.net.address(LB_ADDRESS)}/", **kw)  # type: ignore[arg-type]
+
+    def sampler(self, period: float = 0.2) -> Sampler:
+        assert self.lb is not None
+        return Sampler(self.lb, APP, period)
+
+    # --- observing ----------------------------------------------------------------------------------------
+    def served(self, host: str) -> dict:
+        """What *host*'s nginx answers on / (version, release), asked on the host itself."""
+        r = self.apps[host].run(f"curl -s -m 10 -H 'Host: {HTTP_HOST}' http://127.0.0.1/", check=False)
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return {"error": r.stdout[-200:] or r.stderr[-200:]}
+
+    def current(self, host: str) -> str:
+        """The release ``current`` points at on *host*."""
+        return os.path.basename(self.apps[host].run("readlink /srv/flaskapp/current").stdout.strip())
+
+    def releases_on(self, host: str) -> list[str]:
+        return sorted(self.apps[host].run("ls /srv/flaskapp/releases").stdout.split())
+
+    def haproxy_states(self) -> dict[str, str]:
+        """HAProxy's status of every backend server now (UP, DRAIN, DOWN, MAINT)."""
+        assert self.lb is not None
+        out = {}
+        for host in self.apps:
+            r = self.lb.run(["haproxy-server", "show", APP, host], check=False)
+            out[host] = json.loads(r.stdout)["status"] if r.returncode == 0 else f"<{r.stderr.strip()}>"
+        return out
+
+    def stop_host(self, host: str) -> None:
+        """The host dies: its container is stopped (the rest of the fleet keeps running)."""
+        self.apps[host].stop()
+
+    # --- clean-up -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the SSH masters Ansible left behind, stop every container, delete the network."""
+        for sock in self.cp_dir.glob("*") if self.cp_dir.is_dir() else []:
+            subprocess.run(self.net.argv(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "fleet"]),
+                           capture_output=True, check=False, timeout=30)
+        for c in self.containers():
+            c.stop()
+        self.net.close()
