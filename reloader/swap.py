@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc
+from . import proc, setup_commands
 from .config import AppConfig
 from .loadgen import UnixHTTPConnection, get_status
 
@@ -160,7 +160,17 @@ class Swap:
                     _rmtree(entry)
 
     def preflight(self) -> None:
+        self.setup(os.path.realpath(self.app.working_directory))
         preflight(self.app, self.n)
+
+    def setup(self, release_dir: str) -> None:
+        """The [setup] commands (e.g. migrations) in the release about to go live, before its pre-flight."""
+        if not self.app.setup.commands:
+            return
+        try:
+            setup_commands.run(self.app, release_dir, self.n.status, self.n.extend)
+        except setup_commands.SetupFailed as e:
+            raise Refused(str(e)) from None
 
     def spawn_new_generation(self) -> None:
         self.n.status(f"starting a new generation next to master {self.old} (USR2)")
