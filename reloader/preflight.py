@@ -69,6 +69,36 @@ def load_app(target: str):
     return app
 
 
+def watch_request_exceptions() -> list[BaseException]:
+    """Frameworks answer 500 for an exception in a view and, in production settings, log nothing: listen to
+    their own signal (Django's and Flask's ``got_request_exception``) so the refusal can name the exception
+    and its line instead of only "answered 500". Frameworks the app did not import are left alone."""
+    caught: list[BaseException] = []
+    if "django" in sys.modules:
+        try:
+            from django.core.signals import got_request_exception
+
+            def on_django(sender, request=None, **kwargs):
+                if sys.exc_info()[1] is not None:
+                    caught.append(sys.exc_info()[1])
+
+            got_request_exception.connect(on_django, weak=False)
+        except Exception:  # noqa: BLE001 - an unusual Django: go without
+            pass
+    if "flask" in sys.modules:
+        try:
+            from flask import got_request_exception as flask_signal
+
+            def on_flask(sender, exception=None, **kwargs):
+                if exception is not None:
+                    caught.append(exception)
+
+            flask_signal.connect(on_flask, weak=False)
+        except Exception:  # noqa: BLE001
+            pass
+    return caught
+
+
 def request(app, path: str, host: str = "localhost") -> str:
     """One GET through the WSGI interface; returns the status line."""
     path_info, _, query = path.partition("?")
@@ -205,14 +235,17 @@ def main(argv: list[str]) -> int:
     real_stdout, sys.stdout = sys.stdout, sys.stderr
     try:
         app = load_app(args.target)
+        caught = watch_request_exceptions()
         if args.asgi:
             status = asyncio.run(_asgi_request(app, args.health_path, args.host, args.timeout))
         else:
             status = request(app, args.health_path, args.host)
         code = int(status.split()[0]) if status[:3].isdigit() else 0
         if not int(low) <= code <= int(high or low):
-            result = {"ok": False, "error": f"{args.health_path} answered {status} (Host: {args.host}; "
-                      f"passing: {args.ok})", "status": status}
+            answered = f"{args.health_path} answered {status} (Host: {args.host}; passing: {args.ok})"
+            if caught:
+                answered = f"{_describe(caught[-1], root)}; {answered}"
+            result = {"ok": False, "error": answered, "status": status}
         else:
             result = {"ok": True, "status": status}
     except BaseException as e:  # noqa: BLE001 - anything the release raises is a refusal

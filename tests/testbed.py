@@ -69,7 +69,16 @@ APT_PACKAGES = (
     "iproute2",
     "less",
 )
-PIP_REQUIREMENTS = ("gunicorn==27.0.1", "flask")
+# One /opt/venv shared by every app of a container: the example app (flask), the real apps of tests/apps/
+# (Django 5.2 LTS, FastAPI on uvicorn-worker and on gunicorn's asgi worker) and gunicorn's gevent worker.
+PIP_REQUIREMENTS = (
+    "gunicorn[gevent]==27.0.1",
+    "flask",
+    "django==5.2.8",
+    "fastapi==0.165.0",
+    "uvicorn-worker==0.4.0",
+    "uvicorn==0.54.0",
+)
 # Units that only slow a container down or fail on a read-only console.
 MASKED_UNITS = (
     "systemd-networkd-wait-online.service",

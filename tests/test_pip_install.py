@@ -1,0 +1,51 @@
+"""The README's pip route in a container: ``pip install .`` of this checkout into a virtualenv, then
+``reloader install`` from it, ends in a working ``systemctl reload`` (the units call that venv's reloader).
+
+No /usr/bin/reloader here (that is the .deb's): a config naming it is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from appbed import App
+
+VENV = "/opt/reloader"
+
+
+def test_pip_install_into_a_venv_ends_in_a_working_reload(container) -> None:
+    c = container
+    # The README's steps, offline: the test bed has no package index, Debian's python3-* provide the deps.
+    c.run("mkdir -p /root/reloader-src && tar -C /src --exclude=.git --exclude=__pycache__ -cf - . "
+          "| tar -C /root/reloader-src -xf -")
+    c.run(f"python3 -m venv --system-site-packages {VENV}")
+    r = c.run(f"{VENV}/bin/pip install --no-index --no-build-isolation /root/reloader-src", check=False, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert c.run(["test", "-e", "/usr/bin/reloader"], check=False).returncode == 1
+
+    app = App(c)
+    c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
+    app.ship("v1")
+    explicit = c.read_file("/src/examples/flaskapp.toml") + '\n[reload]\nhelper = "/usr/bin/reloader"\n'
+    c.write_file("/root/deb-helper.toml", explicit)
+    r = c.run([f"{VENV}/bin/reloader", "install", "/root/deb-helper.toml"], check=False, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "[reload] helper: /usr/bin/reloader is not executable" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert c.run("ls /etc/reloader /etc/systemd/system/flaskapp.service", check=False).returncode != 0, \
+        "a refused install wrote files"
+
+    # check imports the worker class in the app's venv: tornado is not installed there.
+    c.write_file("/root/tornado.toml", c.read_file("/src/examples/flaskapp.toml").replace(
+        "[gunicorn]\n", '[gunicorn]\nworker_class = "tornado"\n'))
+    r = c.run([f"{VENV}/bin/reloader", "check", "/root/tornado.toml"], check=False, timeout=120)
+    assert r.returncode == 1 and "worker_class 'tornado' cannot be loaded" in r.stderr, r.stderr
+    assert "No module named 'tornado'" in r.stderr, r.stderr
+
+    r = c.run([f"{VENV}/bin/reloader", "install", "/src/examples/flaskapp.toml"], check=False, timeout=240)
+    assert r.returncode == 0, (r.stdout, r.stderr, app.journal())
+    unit = c.read_file("/etc/systemd/system/flaskapp.service")
+    assert f"ExecReload={VENV}/bin/reloader exec-reload /etc/reloader/flaskapp.toml" in unit, unit
+    app.ship("v2")
+    r = app.reload()
+    props = app.props()
+    assert r.returncode == 0 and props["ReloadResult"] == "success", (r.stderr, props, app.journal())
+    assert app.version() == "v2"
+    assert "serving release 2" in props["StatusText"], props
