@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from .config import AppConfig
 
 #: Output lines kept for the one-line failure (STATUS= and the error); the journal gets all of them.
 TAIL_LINES = 3
+#: A traceback's last line: "ModuleNotFoundError: No module named 'x'", "django.db.utils.OperationalError: …".
+_EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Failed|Warning)\b:")
 
 
 class SetupFailed(Exception):
@@ -61,6 +64,7 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
     except OSError as e:
         raise SetupFailed(f"setup command {line!r} could not start: {e.strerror} ({words[0]})") from None
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    exception = [""]
 
     def pump() -> None:
         assert p.stdout is not None
@@ -69,6 +73,8 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
             print(f"setup: {out}", file=sys.stderr, flush=True)  # the journal gets every line
             if out.strip():
                 tail.append(" ".join(out.split()))
+                if _EXCEPTION.match(out):
+                    exception[0] = tail[-1]
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -85,14 +91,17 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
                 p.wait()
                 reader.join(5)
                 raise SetupFailed(f"setup command {line!r} timed out ([setup] timeout = {budget} s)"
-                                  + _tail(tail)) from None
+                                  + _tail(tail, exception[0])) from None
             tick()
     reader.join(5)
     if p.returncode != 0:
-        raise SetupFailed(f"setup command {line!r} failed with exit status {p.returncode}" + _tail(tail))
+        raise SetupFailed(f"setup command {line!r} failed with exit status {p.returncode}"
+                          + _tail(tail, exception[0]))
     return " | ".join(tail)[-200:]
 
 
-def _tail(lines: collections.deque[str]) -> str:
-    text = " | ".join(lines)
+def _tail(lines: collections.deque[str], exception: str) -> str:
+    """The last lines, led by the last Python exception line when it scrolled out of them (a CLI that prints
+    its usage after a traceback, like flask's, would otherwise hide the cause)."""
+    text = " | ".join(([exception] if exception and exception not in lines else []) + list(lines))
     return f": {text[-400:]}" if text else ""

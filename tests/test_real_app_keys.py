@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 import tomllib
@@ -166,6 +167,16 @@ def test_a_failing_setup_command_names_itself_and_its_output_tail(tmp_path) -> N
     assert str(e.value) == ("setup command \"sh -c 'echo line1; echo line2; echo boom >&2; exit 3'\" failed with "
                             "exit status 3: line1 | line2 | boom")
     assert not (tmp_path / "never").exists()
+
+
+def test_the_failure_keeps_the_exception_line_a_cli_printed_before_its_usage(tmp_path) -> None:
+    script = ("echo Traceback; echo \"ModuleNotFoundError: No module named 'x'\"; echo; echo Usage: flask; "
+              "echo Try flask --help; echo \"Error: No such command 'init-db'.\"; exit 2")
+    app = load(setup={"commands": [f"sh -c {shlex.quote(script)}"]})
+    with pytest.raises(setup_commands.SetupFailed) as e:
+        setup_commands.run(app, str(tmp_path), lambda _: None)
+    assert str(e.value).endswith("exit status 2: ModuleNotFoundError: No module named 'x' | Usage: flask | "
+                                 "Try flask --help | Error: No such command 'init-db'.")
 
 
 def test_a_hanging_setup_command_is_killed_at_the_timeout(tmp_path) -> None:

@@ -75,8 +75,15 @@ def test_flask_app_factory_writing_sqlite_on_sync_gthread_and_gevent(container) 
     assert app.json("/")["posts"] == 4, "every write of every generation landed in the one database"
     # Access log on by default, in the journal.
     assert '"GET /health HTTP/1.0" 200' in app.journal(100) or '"GET /health HTTP/1.1" 200' in app.journal(100)
+    # The setup command imports the release first: its failure is the refusal.
     assert_refused(app, {"flaskr/__init__.py": "import nosuchmodule\n"},
-                   "ModuleNotFoundError: No module named 'nosuchmodule' (flaskr/__init__.py:1)", f"v{n - 1}")
+                   "setup command 'flask --app flaskr init-db' failed with exit status 2: ModuleNotFoundError: "
+                   "No module named 'nosuchmodule'", f"v{n - 1}")
+    # Past the setup command, an exception in a view: the pre-flight names the view's line, not "answered 500".
+    broken_view = app.read("flaskr/__init__.py").replace('        db.get_db().execute("SELECT 1")',
+                                                         '        db.get_db().execute("SELECT * FROM nosuchtable")')
+    assert_refused(app, {"flaskr/__init__.py": broken_view},
+                   "OperationalError: no such table: nosuchtable (flaskr/__init__.py:26)", f"v{n - 1}")
 
 
 @pytest.mark.parametrize("unused", [None], ids=["uvicorn-worker+asgi"])
