@@ -46,7 +46,8 @@ class RealApp(App):
         return n
 
     def read(self, path: str) -> str:
-        return self.c.read_file(f"/srv/{self.name}/releases/{self.release}/{path}")
+        """A file of the app's pristine source (to derive a broken release from)."""
+        return self.c.read_file(f"{self.source}/{path}")
 
     def get(self, path: str = "/", timeout: float = 10, *, method: str = "GET", data: str | None = None,
             cookies: str = "") -> Reply:

@@ -64,6 +64,8 @@ APT_PACKAGES = (
     "python3-pystemd",
     "python3-sdnotify",
     "python3-jinja2",
+    # For tests/test_pip_install.py: an offline `pip install --no-build-isolation .` needs bdist_wheel.
+    "python3-wheel",
     "curl",
     "procps",
     "iproute2",
