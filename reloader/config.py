@@ -241,6 +241,17 @@ class AppConfig:
                 return name
         return "localhost"
 
+    @property
+    def upstream_keepalive_ms(self) -> int:
+        """How long nginx keeps an idle upstream connection: below gunicorn's ``keepalive`` (default 2 s,
+        uvicorn's ``timeout_keep_alive`` too), so the worker never closes one nginx is about to reuse (a
+        502 when the retry meets a closed connection as well). 0: gunicorn keeps no connection alive."""
+        value = dict(self.gunicorn_settings).get("keepalive", 2)
+        seconds = value if isinstance(value, int | float) and not isinstance(value, bool) else 2
+        if seconds <= 0:
+            return 0
+        return int(max(seconds * 1000 / 2, seconds * 1000 - 1000))
+
     def health_ok(self, status: int) -> bool:
         low, high = self.health_status
         return low <= status <= high

@@ -41,13 +41,23 @@ def test_pip_install_into_a_venv_ends_in_a_working_reload(container) -> None:
         assert r.returncode == 1 and f"worker_class {worker!r} cannot be loaded" in r.stderr, r.stderr
         assert cause in r.stderr, r.stderr
 
-    r = c.run([f"{VENV}/bin/reloader", "install", "/src/examples/flaskapp.toml"], check=False, timeout=240)
+    # The user's own gunicorn config: its settings apply and its when_ready runs before reloader's.
+    c.write_file("/etc/flaskapp-gunicorn.py", "max_requests = 321\n\ndef when_ready(server):\n"
+                 "    with open('/run/flaskapp/user-hook', 'a') as f:\n        f.write(f'{server.pid}\\n')\n")
+    c.write_file("/root/flaskapp.toml", c.read_file("/src/examples/flaskapp.toml").replace(
+        "[gunicorn]\n", '[gunicorn]\nconfig_file = "/etc/flaskapp-gunicorn.py"\n'))
+    r = c.run([f"{VENV}/bin/reloader", "install", "/root/flaskapp.toml"], check=False, timeout=240)
     assert r.returncode == 0, (r.stdout, r.stderr, app.journal())
     unit = c.read_file("/etc/systemd/system/flaskapp.service")
     assert f"ExecReload={VENV}/bin/reloader exec-reload /etc/reloader/flaskapp.toml" in unit, unit
+    first = app.props()["MainPID"]
     app.ship("v2")
     r = app.reload()
     props = app.props()
     assert r.returncode == 0 and props["ReloadResult"] == "success", (r.stderr, props, app.journal())
     assert app.version() == "v2"
     assert "serving release 2" in props["StatusText"], props
+    assert c.read_file("/run/flaskapp/user-hook").split() == [str(first), str(props["MainPID"])]
+    r = c.run(["/opt/venv/bin/python3", "-c", "import runpy; print(runpy.run_path("
+               "'/etc/reloader/flaskapp.gunicorn.conf.py')['max_requests'])"], check=False)
+    assert r.stdout.strip() == "321", r

@@ -310,3 +310,14 @@ def test_a_change_of_writable_paths_or_user_needs_a_restart(tmp_path) -> None:
     assert commands.needs_restart(str(installed), new) == [
         "Group=flaskapp", "Group=web", "StateDirectory=flaskapp", "User=flaskapp", "User=web"]
     assert commands.needs_restart(str(tmp_path / "absent.service"), new) == []
+
+
+@pytest.mark.parametrize("keepalive,line", [(None, "keepalive_timeout 1000ms;"), (5, "keepalive_timeout 4000ms;"),
+                                            (1, "keepalive_timeout 500ms;"), (0, None)])
+def test_nginx_drops_idle_upstream_connections_before_gunicorn_does(keepalive, line) -> None:
+    settings = {} if keepalive is None else {"keepalive": keepalive}
+    site = rendered(load(gunicorn={"settings": settings}))["flaskapp.nginx.conf"]
+    if line is None:
+        assert "keepalive_timeout" not in site
+    else:
+        assert f"    {line}" in site.splitlines()

@@ -31,6 +31,8 @@ def deploy_under_load(app: RealApp, first: int) -> int:
         assert props["ReloadResult"] == "success" and props["SubState"] == "running", props
         assert app.version() == f"v{n}", "reload returned before the new release was serving"
     report = app.stop_load(load)
+    assert report["failures"] == {}, (report["summary"], report.get("first_failures"),
+                                      app.c.run("tail -n 20 /var/log/nginx/error.log", check=False).stdout)
     assert_no_failures(report)
     assert f"v{n}" in report["versions"], report["versions"]
     return n
