@@ -520,7 +520,7 @@ def default_helper() -> str:
 
 
 def _writable(app: _Reader) -> dict[str, Any]:
-    paths = app.strings("read_write_paths", (), _ANY, "") if app.has("read_write_paths") else ()
+    paths = app.strings("read_write_paths", (), _ANY, "directories must be absolute paths without control characters")
     for path in paths:
         app.check_path("read_write_paths", path)
         if path == "/" or path in ("/etc", "/usr", "/boot", "/proc", "/sys", "/dev"):
