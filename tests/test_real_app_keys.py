@@ -321,3 +321,9 @@ def test_nginx_drops_idle_upstream_connections_before_gunicorn_does(keepalive, l
         assert "keepalive_timeout" not in site
     else:
         assert f"    {line}" in site.splitlines()
+
+
+def test_asgi_apps_get_no_upstream_keepalive() -> None:
+    site = rendered(load(gunicorn={"worker_class": "uvicorn_worker.UvicornWorker"}))["flaskapp.nginx.conf"]
+    assert "keepalive 16;" not in site and "keepalive_timeout" not in site
+    assert "    keepalive 16;" in rendered(load())["flaskapp.nginx.conf"].splitlines()

@@ -31,22 +31,11 @@ def deploy_under_load(app: RealApp, first: int) -> int:
         assert props["ReloadResult"] == "success" and props["SubState"] == "running", props
         assert app.version() == f"v{n}", "reload returned before the new release was serving"
     report = app.stop_load(load)
+    print(f"{app.name}: {DEPLOYS} deploys: {report['summary']}")
     assert report["failures"] == {}, (report["summary"], report.get("first_failures"),
                                       app.c.run("tail -n 20 /var/log/nginx/error.log", check=False).stdout)
     assert_no_failures(report)
     assert f"v{n}" in report["versions"], report["versions"]
-    return n
-
-
-def deploy(app: RealApp, first: int) -> int:
-    """DEPLOYS reloads of changed code (no load): each returns with the new code serving."""
-    n = first
-    for n in range(first, first + DEPLOYS):
-        app.ship(f"v{n}")
-        r = app.reload()
-        props = app.props()
-        assert r.returncode == 0 and props["ReloadResult"] == "success", (r.stderr, props, app.journal(40))
-        assert app.version() == f"v{n}", "reload returned before the new release was serving"
     return n
 
 
@@ -124,12 +113,7 @@ def test_fastapi_with_lifespan_on_uvicorn_worker_and_gunicorns_asgi_worker(conta
         if worker == "asgi":
             r = app.install_config(app.config("fastapi", worker_class='"asgi"'))
             assert r.returncode == 0 and "reloading the running service" in r.stdout, (r.stdout, r.stderr)
-            # gunicorn 27's own asgi worker resets a keep-alive connection that nginx reuses while the old
-            # generation retires (measured: 1 of 20659 requests answered 502 over 5 deploys, "Connection
-            # reset by peer while reading response header"), so its deploys are checked without load here.
-            n = deploy(app, n) + 1
-        else:
-            n = deploy_under_load(app, n) + 1
+        n = deploy_under_load(app, n) + 1
         assert app.json("/notes", method="POST", data=worker)["version"] == f"v{n - 1}", "writes succeed"
         assert app.json("/")["host"] == "api.example"
     passed = app.c.run("journalctl -u fastapi --no-pager -o cat -g 'pre-flight passed'", check=False).stdout
