@@ -1,8 +1,8 @@
 """The reload engine that runs as the unit's ``ExecReload=``: one state machine, each step named.
 
-    clean up strays → pre-flight → spawn new generation → wait ready → bake → hand MAINPID over
-    → retire old generation → confirm                      (strategy "generation", the default)
-    clean up strays → pre-flight → HUP → wait new workers → bake → confirm          (strategy "hup")
+    clean up strays → setup commands → pre-flight → spawn new generation → wait ready → bake
+    → hand MAINPID over → retire old generation → confirm           (strategy "generation", the default)
+    clean up strays → setup commands → pre-flight → HUP → wait new workers → bake → confirm   ("hup")
 
 Any failure before the old generation is retired rolls back: the new master is stopped gracefully and
 the old one, which was never touched, keeps serving. The helper exits non-zero and says why in
