@@ -69,12 +69,36 @@ def cmd_check(args: argparse.Namespace) -> int:
             problems.extend(_nginx_test_site(site_path))
         else:
             print("check: nginx not found; nginx site not tested", file=sys.stderr)
+    problems.extend(_check_virtualenv(app))
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
         raise Failed(f"{args.config}: {len(problems)} problem(s) in the rendered files")
     print(f"{args.config}: ok ({len(files)} files render and verify)")
     return EXIT_OK
+
+
+def _check_virtualenv(app: AppConfig) -> list[str]:
+    """Import the worker class (and check the gunicorn settings) with the app's own interpreter."""
+    import json
+
+    from .config import OWNED_SETTINGS
+
+    if not Path(app.python).exists():
+        key = "[app] virtualenv" if app.virtualenv else "[app] gunicorn"
+        return [f"{key}: {app.python} does not exist on this host; create the virtualenv (with gunicorn) first"]
+    spec = {"worker_class": app.worker_class, "settings": [name for name, _ in app.gunicorn_settings],
+            "config_file": app.gunicorn_config_file, "owned": OWNED_SETTINGS}
+    script = Path(__file__).with_name("venv_check.py")
+    try:
+        r = subprocess.run([app.python, str(script), json.dumps(spec)], capture_output=True, text=True,
+                           timeout=120, check=False, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [f"cannot run {app.python}: {e}"]
+    found = [line for line in r.stdout.splitlines() if line.strip()]
+    if r.returncode != 0 and not found:
+        found = [f"{app.python} failed checking the worker class: {(r.stderr.strip().splitlines() or ['?'])[-1]}"]
+    return found
 
 
 def _nginx_test_site(site: Path) -> list[str]:

@@ -165,11 +165,77 @@ def _ensure_user(app: AppConfig) -> bool:
     return True
 
 
+#: Unit settings a running service only gets by a restart: a reload's new generation is forked by the old
+#: master, inside its mount namespace and with its user (daemon-reload + reload changes neither).
+RESTART_SETTINGS = ("ReadWritePaths", "StateDirectory", "CacheDirectory", "LogsDirectory", "User", "Group",
+                    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices")
+
+
+def preinstall_problems(app: AppConfig) -> list[str]:
+    """What ``install`` refuses before writing anything (exit 2): things the units would trip over later."""
+    problems = []
+    if not os.access(app.helper, os.X_OK):
+        problems.append(f"{app.source}: [reload] helper: {app.helper} is not executable, so every reload would "
+                        "fail (status=203/EXEC); install the .deb (/usr/bin/reloader), or set helper to the "
+                        "`reloader` of your pip install (e.g. /opt/reloader/bin/reloader)")
+    for path in app.read_write_paths:
+        if not os.path.isdir(path):
+            problems.append(f"{app.source}: [app] read_write_paths: {path} does not exist (systemd would refuse "
+                            "to start the service); create it, or use state_directory to have systemd create one")
+    return problems
+
+
+def _restart_settings(unit_text: str) -> list[str]:
+    return sorted(line for line in unit_text.splitlines() if line.split("=", 1)[0] in RESTART_SETTINGS)
+
+
+def needs_restart(service_path: str, new_text: str) -> list[str]:
+    """The RESTART_SETTINGS lines that differ between the installed service unit and *new_text*."""
+    try:
+        old = Path(service_path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    before, after = set(_restart_settings(old)), set(_restart_settings(new_text))
+    return sorted(before ^ after)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """``ExecStart=`` of NAME-setup.service (and usable by hand): run the [setup] commands in a release."""
+    from . import setup_commands
+
+    app = load(args.config)
+    release = args.release or os.path.realpath(app.working_directory)
+    try:
+        setup_commands.run(app, release, lambda text: print(f"reloader: {app.name}: {text}", file=sys.stderr,
+                                                            flush=True))
+    except setup_commands.SetupFailed as e:
+        raise Failed(f"{app.name}: {e}") from None
+    return 0
+
+
+def _run_setup_unit(sd: object, app: AppConfig) -> None:
+    """First install: the setup commands run in their oneshot unit (the app's user, sandbox, environment)."""
+    print(f"{app.name}: running the setup commands ({app.setup_unit})")
+    result = sd.start_unit(app.setup_unit, timeout=app.setup.timeout + 60)  # type: ignore[attr-defined]
+    st = sd.state(app.setup_unit)  # type: ignore[attr-defined]
+    if result != "done" or st.active_state == "failed":
+        r = subprocess.run(["journalctl", "-u", app.setup_unit, "-n", "3", "-o", "cat", "--no-pager"],
+                           capture_output=True, text=True, check=False)
+        tail = " | ".join(line.strip() for line in r.stdout.splitlines() if line.strip())
+        raise Failed(f"{app.name}: setup commands failed ({app.setup_unit}: job {result}); {app.service} not "
+                     f"started: {tail or 'see journalctl -u ' + app.setup_unit}")
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .bus import Systemd
 
     app = load(args.config)
     config_text = Path(args.config).read_text(encoding="utf-8")
+    problems = preinstall_problems(app)
+    if problems:
+        from .config import ConfigError
+
+        raise ConfigError("; ".join(problems))
     if os.geteuid() != 0 and not args.dry_run:
         raise Failed("install writes /etc and manages system units: run it as root (sudo)")
     with Systemd() as sd:
@@ -192,7 +258,16 @@ def cmd_install(args: argparse.Namespace) -> int:
             return 0
         if not changed and service.running:
             print(f"{app.name}: already installed and running; nothing changed")
-            return 0
+            return _check_through_nginx(app, sd.state("nginx.service").load_state == "loaded")
+        service_file = next(f for f in files if f.install_path.endswith("/" + app.service))
+        restart = service.running and needs_restart(service_file.install_path, service_file.content)
+        if restart and not args.restart:
+            raise Failed(f"{app.name}: {', '.join(restart)} changed: a reload keeps the running generation's user "
+                         f"and mount namespace, so {app.service} needs a restart; run `reloader install "
+                         f"{args.config} --restart`" + (" (the socket holds connections meanwhile)"
+                                                        if app.socket_activation else
+                                                        " (without socket_activation requests fail meanwhile)")
+                         + "; nothing was changed")
         for path in changed:
             print("\n".join(changes[path]))
         _ensure_user(app)
@@ -212,7 +287,15 @@ def cmd_install(args: argparse.Namespace) -> int:
                                                                             + 60)
         if app.socket_activation and not app.multi_instance:
             _job_ok(sd, app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
-        if service.running:
+        if app.setup.commands and not service.running:
+            _run_setup_unit(sd, app)
+        if restart:
+            print(f"{app.name}: restarting {app.service} for {', '.join(restart)}"
+                  + (" (the socket holds connections)" if app.socket_activation else ""))
+            if app.setup.commands:
+                _run_setup_unit(sd, app)
+            _job_ok(sd, app.service, sd.restart_unit(app.service, timeout=timeout), "restart")
+        elif service.running:
             print(f"{app.name}: reloading the running service")
             _job_ok(sd, app.service, sd.reload_unit(app.service, timeout=timeout), "reload")
         else:
@@ -228,14 +311,19 @@ def cmd_install(args: argparse.Namespace) -> int:
             if st.active_state != "active":
                 raise Failed(f"{unit} is {st.active_state}/{st.sub_state} after install; "
                              f"see journalctl -u {unit}")
-    if nginx.load_state == "loaded":
-        status = _http_status(app)
-        if status != 200:
-            raise Failed(f"{app.name}: installed, but {app.health_path} through nginx answered {status}; "
-                         f"see journalctl -u {app.service}")
-        print(f"{app.name}: installed; {app.health_path} answers 200 through nginx")
-    else:
-        print(f"{app.name}: installed (nginx.service not found: the site is written but not served)")
+    return _check_through_nginx(app, nginx.load_state == "loaded", "installed")
+
+
+def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "installed and running") -> int:
+    """The last word of every install, even one that changed nothing: does the app answer through nginx?"""
+    if not nginx_loaded:
+        print(f"{app.name}: {done} (nginx.service not found: the site is written but not served)")
+        return 0
+    status = _http_status(app)
+    if not app.health_ok(status):
+        raise Failed(f"{app.name}: {done}, but {app.health_path} through nginx (Host: {app.health_host}) answered "
+                     f"{status or 'nothing'}; see journalctl -u {app.service}")
+    print(f"{app.name}: {done}; {app.health_path} answers {status} through nginx")
     return 0
 
 
@@ -248,8 +336,8 @@ def _http_status(app: AppConfig) -> int:
     """The health path's status through the app's nginx site (0 when nothing answered)."""
     from .verify import _probe, target_of
 
-    host_port, host = target_of(app.nginx.listen[0], app.nginx.server_name)
-    return _probe(f"http://{host_port}{app.health_path}", {"Host": host or "localhost"}, 10)[0]
+    host_port, _ = target_of(app.nginx.listen[0], app.nginx.server_name)
+    return _probe(f"http://{host_port}{app.health_path}", {"Host": app.health_host}, 10)[0]
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
@@ -412,7 +500,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="render Type=notify-reload (systemd >= 253). The default Type=notify is more robust: "
                    "a reload helper killed mid-reload ends the reload at once, while under notify-reload "
                    "(systemd 257) the unit stays reloading until `systemctl restart`; see README")
+    p.add_argument("--restart", action="store_true",
+                   help="restart the running service when a change needs it (writable paths, user): a reload "
+                   "cannot apply those; with socket_activation the socket holds connections meanwhile")
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("setup", help="run the [setup] commands of CONFIG in a release (NAME-setup.service's "
+                       "ExecStart=; the service's ExecReload= runs them on every deploy)")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--release", metavar="DIR", help="the release directory (default: working_directory resolved)")
+    p.set_defaults(func=cmd_setup)
 
     for alias in ("deploy", "reload"):
         p = sub.add_parser(alias, help="reload NAME over D-Bus and report whether the new release is serving")

@@ -9,7 +9,9 @@ the file, the key and the fix, rather than escaped in a way a reader could misju
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,36 @@ STRATEGIES = ("generation", "hup", "blue-green", "rolling")
 MULTI_INSTANCE = ("blue-green", "rolling")
 #: Where reloader keeps per-app state: the nginx upstream include and each instance's pinned release.
 STATE_DIR = Path("/var/lib/reloader")
+#: The helper the .deb installs; see :func:`default_helper` for a pip install.
+DEB_HELPER = "/usr/bin/reloader"
+#: Worker classes that serve an ASGI app (the pre-flight then speaks ASGI, with lifespan).
+ASGI_WORKERS = frozenset({
+    "asgi", "gunicorn.workers.gasgi.ASGIWorker",
+    "uvicorn_worker.UvicornWorker", "uvicorn_worker.UvicornH11Worker",
+    "uvicorn.workers.UvicornWorker", "uvicorn.workers.UvicornH11Worker",
+})
+#: gunicorn settings reloader writes itself: the key that sets each (or why it is reloader's), for the
+#: error when one appears in [gunicorn.settings] or in the user's config_file.
+OWNED_SETTINGS = {
+    "wsgi_app": "[app] wsgi", "chdir": "[app] working_directory", "bind": "[gunicorn] socket",
+    "workers": "[gunicorn] workers", "worker_class": "[gunicorn] worker_class", "threads": "[gunicorn] threads",
+    "timeout": "[gunicorn] timeout", "graceful_timeout": "[gunicorn] graceful_timeout",
+    "preload_app": "[gunicorn] preload_app", "accesslog": "[gunicorn] access_log",
+    "errorlog": "the journal (stderr)", "pidfile": "the reload engine (it reads it)",
+    "daemon": "systemd (the service is Type=notify)", "reload": "systemctl reload", "reload_engine": "systemctl reload",
+    "reload_extra_files": "systemctl reload", "user": "[app] user", "group": "[app] group",
+    "umask": "the socket unit", "control_socket_disable": "reloader (signals and systemd only)",
+    "config": "[gunicorn] config_file", "raw_env": "[app] environment",
+    "pre_exec": "the reload engine (a hook it defines; define yours in config_file, it is chained)",
+}
+#: Server hooks the generated config defines; a user's own (from config_file) runs first, then reloader's.
+CHAINED_HOOKS = ("pre_exec", "when_ready", "post_worker_init", "child_exit", "on_exit")
+#: gunicorn 27's callable settings: Python functions, which a TOML table cannot hold.
+SERVER_HOOKS = frozenset({
+    "on_starting", "on_reload", "when_ready", "pre_fork", "post_fork", "post_worker_init", "worker_int",
+    "worker_abort", "pre_exec", "pre_request", "post_request", "child_exit", "worker_exit", "nworkers_changed",
+    "on_exit", "ssl_context", "on_dirty_starting", "dirty_post_fork", "dirty_worker_init", "dirty_worker_exit",
+})
 
 
 class ConfigError(Exception):
@@ -43,7 +75,11 @@ _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SERVER_NAME = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?(\.\*)?|_")
 _LISTEN = re.compile(r"(\d{1,5}|(\d{1,3}\.){3}\d{1,3}:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5})")
 _SIZE = re.compile(r"\d{1,9}[kKmMgG]?")
+_SETTING = re.compile(r"[a-z_][a-z0-9_]{0,63}")
+#: A systemd StateDirectory=/CacheDirectory=/LogsDirectory= name: relative to /var/lib, /var/cache, /var/log.
+_SD_DIRECTORY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ANY = re.compile(r".*")
 
 
 @dataclass(frozen=True)
@@ -58,6 +94,16 @@ class NginxConfig:
     proxy_read_timeout: int = 60
     #: The user nginx's workers run as; the gunicorn socket is made accessible to its group.
     user: str = "www-data"
+
+
+@dataclass(frozen=True)
+class SetupConfig:
+    """Commands run as the app's user, in its sandbox and environment, in the release being deployed,
+    before its new generation starts (e.g. ``python manage.py migrate --noinput``)."""
+
+    commands: tuple[tuple[str, ...], ...] = ()
+    #: Seconds for all commands together; a command still running then is killed and the deploy refused.
+    timeout: int = 300
 
 
 @dataclass(frozen=True)
@@ -88,8 +134,22 @@ class AppConfig:
     ready_timeout: int = 120
     bake_seconds: float = 2.0
     instances: int = 3
-    helper: str = "/usr/bin/reloader"
+    helper: str = DEB_HELPER
     nginx: NginxConfig = field(default_factory=NginxConfig)
+    #: Paths outside the systemd-managed directories the app may write (ReadWritePaths=); they must exist.
+    read_write_paths: tuple[str, ...] = ()
+    #: StateDirectory=/CacheDirectory=/LogsDirectory= names (systemd creates them, owned by the app user).
+    state_directory: str = ""
+    cache_directory: str = ""
+    logs_directory: str = ""
+    #: Inclusive range of health-path statuses that pass the pre-flight and the bake.
+    health_status: tuple[int, int] = (200, 399)
+    setup: SetupConfig = field(default_factory=SetupConfig)
+    #: [gunicorn.settings]: any other gunicorn setting, as (name, value) rendered with repr().
+    gunicorn_settings: tuple[tuple[str, Any], ...] = ()
+    #: An existing gunicorn config file the generated one loads first (its hooks run before reloader's).
+    gunicorn_config_file: str = ""
+    access_log: bool = True
 
     # Derived names: one place decides where each runtime file lives.
     @property
@@ -168,19 +228,60 @@ class AppConfig:
     def gunicorn_bin(self) -> str:
         return self.gunicorn or f"{self.virtualenv}/bin/gunicorn"
 
+    @property
+    def asgi(self) -> bool:
+        """Served by an ASGI worker: the pre-flight calls the app through the ASGI interface."""
+        return self.worker_class in ASGI_WORKERS
+
+    @property
+    def health_host(self) -> str:
+        """The Host header of health checks: the first real server_name (a Django ALLOWED_HOSTS accepts it)."""
+        for name in self.nginx.server_name:
+            if name != "_" and "*" not in name:
+                return name
+        return "localhost"
+
+    @property
+    def upstream_keepalive_ms(self) -> int:
+        """How long nginx keeps an idle upstream connection: below gunicorn's ``keepalive`` (default 2 s,
+        uvicorn's ``timeout_keep_alive`` too), so the worker never closes one nginx is about to reuse (a
+        502 when the retry meets a closed connection as well). 0: gunicorn keeps no connection alive."""
+        value = dict(self.gunicorn_settings).get("keepalive", 2)
+        seconds = value if isinstance(value, int | float) and not isinstance(value, bool) else 2
+        if seconds <= 0:
+            return 0
+        return int(max(seconds * 1000 / 2, seconds * 1000 - 1000))
+
+    def health_ok(self, status: int) -> bool:
+        low, high = self.health_status
+        return low <= status <= high
+
+    @property
+    def setup_unit(self) -> str:
+        """The oneshot unit ``install`` runs the setup commands in before the first start."""
+        return f"{self.name}-setup.service"
+
+    @property
+    def bin_dir(self) -> str:
+        """The app's virtualenv bin directory: first on PATH for setup commands (``python`` is the venv's)."""
+        return str(Path(self.python).parent)
+
 
 # --- the schema ------------------------------------------------------------------------------------
 _APP_KEYS = {
     "name", "user", "group", "working_directory", "virtualenv", "gunicorn", "wsgi", "health_path",
-    "environment", "environment_file",
+    "environment", "environment_file", "read_write_paths", "state_directory", "cache_directory", "logs_directory",
+    "health_status",
 }
 _GUNICORN_KEYS = {
     "workers", "worker_class", "threads", "timeout", "graceful_timeout", "preload_app", "socket",
-    "socket_activation",
+    "socket_activation", "settings", "config_file", "access_log",
 }
 _RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "instances", "helper"}
 _NGINX_KEYS = {"server_name", "listen", "client_max_body_size", "static", "proxy_read_timeout", "user"}
-_SECTIONS = {"app": _APP_KEYS, "gunicorn": _GUNICORN_KEYS, "reload": _RELOAD_KEYS, "nginx": _NGINX_KEYS}
+_SETUP_KEYS = {"commands", "timeout"}
+_SECTIONS = {"app": _APP_KEYS, "gunicorn": _GUNICORN_KEYS, "reload": _RELOAD_KEYS, "nginx": _NGINX_KEYS,
+             "setup": _SETUP_KEYS}
 
 
 class _Reader:
@@ -378,9 +479,21 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     preflight_timeout = rel.integer("preflight_timeout", 60, 1, 3600)
     ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
     bake_seconds = rel.number("bake_seconds", 2.0, 0, 3600)
-    helper = rel.path("helper", "/usr/bin/reloader")
+    helper = rel.path("helper", default_helper())
 
     nginx = _nginx(_Reader(source, "nginx", data.get("nginx", {})))
+    writable = _writable(app)
+    health_status = _health_status(app)
+    settings = _gunicorn_settings(gun, socket_activation)
+    config_file = gun.path("config_file")
+    if config_file and not config_file.endswith(".py"):
+        gun.fail("config_file", f"{config_file!r} must be a gunicorn config file ending in .py")
+    access_log = gun.boolean("access_log", True)
+    setup = _setup(_Reader(source, "setup", data.get("setup", {})))
+    if setup.commands and strategy in MULTI_INSTANCE:
+        raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy!r} yet (its "
+                          "controller is not sandboxed as the app); run them from your deploy script, or use "
+                          "strategy \"generation\"")
 
     return AppConfig(
         name=name, source=source, user=user, group=group, working_directory=working_directory,
@@ -389,7 +502,101 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         socket=socket, socket_activation=socket_activation, health_path=health_path, environment=environment,
         environment_file=environment_file, strategy=strategy, preflight_timeout=preflight_timeout,
         ready_timeout=ready_timeout, bake_seconds=bake_seconds, instances=instances, helper=helper, nginx=nginx,
+        **writable, health_status=health_status, setup=setup, gunicorn_settings=settings,
+        gunicorn_config_file=config_file, access_log=access_log,
     )
+
+
+def default_helper() -> str:
+    """The ``ExecReload=`` helper when the config names none: the .deb's /usr/bin/reloader, or else the
+    ``reloader`` script running right now (a ``pip install`` into a virtualenv), so the units call the
+    same reloader that installed them. ``install`` refuses a helper that is not executable."""
+    if os.access(DEB_HELPER, os.X_OK):
+        return DEB_HELPER
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(script) == "reloader" and os.access(script, os.X_OK) and _PATH.fullmatch(script):
+        return script
+    return DEB_HELPER
+
+
+def _writable(app: _Reader) -> dict[str, Any]:
+    paths = app.strings("read_write_paths", (), _ANY, "directories must be absolute paths without control characters")
+    for path in paths:
+        app.check_path("read_write_paths", path)
+        if path == "/" or path in ("/etc", "/usr", "/boot", "/proc", "/sys", "/dev"):
+            app.fail("read_write_paths", f"refusing to make {path!r} writable; name the app's own data directory")
+    out: dict[str, Any] = {"read_write_paths": paths}
+    for key, base in (("state_directory", "/var/lib"), ("cache_directory", "/var/cache"),
+                      ("logs_directory", "/var/log")):
+        value = app.string(key, "", pattern=_SD_DIRECTORY,
+                           allowed=f"a directory name relative to {base}, like 'myapp' (letters, digits, '._-', '/')")
+        if any(part in (".", "..") for part in value.split("/")):
+            app.fail(key, f"{value!r} must be normalized (no '.' or '..' components)")
+        out[key] = value
+    return out
+
+
+def _health_status(app: _Reader) -> tuple[int, int]:
+    if not app.has("health_status"):
+        return (200, 399)
+    value = app.table["health_status"]
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        app.fail("health_status", f"must be [LOWEST, HIGHEST] like [200, 399], not {_show(value)}")
+    low, high = value
+    if not 100 <= low <= high <= 599:
+        app.fail("health_status", f"{value} must be two statuses 100..599, the lowest first")
+    return (low, high)
+
+
+def _gunicorn_settings(gun: _Reader, socket_activation: bool) -> tuple[tuple[str, Any], ...]:
+    out = []
+    for name, value in gun.mapping("settings").items():
+        where = f"settings.{name}"
+        if not _SETTING.fullmatch(name):
+            gun.fail(where, "a gunicorn setting name like 'max_requests' (lowercase letters, digits, '_')")
+        if name in OWNED_SETTINGS:
+            gun.fail(where, f"is set by reloader ({OWNED_SETTINGS[name]}); remove it from [gunicorn.settings]")
+        if name in SERVER_HOOKS or name == "post_request":
+            gun.fail(where, "server hooks are Python functions: define them in [gunicorn] config_file (reloader "
+                     "chains its own hooks after yours)")
+        if not _plain(value):
+            gun.fail(where, f"must be a string, number, boolean, or a list/table of those, not {_show(value)}")
+        out.append((name, value))
+    return tuple(out)
+
+
+def _plain(value: Any) -> bool:
+    """A TOML value whose repr() is the same Python literal (no dates, which repr as datetime(...))."""
+    if isinstance(value, str | int | float | bool):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _setup(setup: _Reader) -> SetupConfig:
+    import shlex
+
+    commands = []
+    raw = setup.table.get("commands", [])
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        setup.fail("commands", f"must be a list of command lines like [\"python manage.py migrate --noinput\"], "
+                   f"not {_show(raw)}")
+    for line in raw:
+        if _CONTROL.search(line):
+            setup.fail("commands", f"{line!r} must not contain newlines or control characters")
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            setup.fail("commands", f"{line!r} is not a valid command line ({e})")
+        if not words:
+            setup.fail("commands", "an empty command line")
+        commands.append(tuple(words))
+    timeout = setup.integer("timeout", 300, 1, 86400)
+    return SetupConfig(commands=tuple(commands), timeout=timeout)
 
 
 def _environment(app: _Reader) -> tuple[tuple[str, str], ...]:

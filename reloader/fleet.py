@@ -107,7 +107,7 @@ class Fleet:
         socket = self.app.instance_socket(instance)
         for _ in range(rounds):
             status, error = _health(self.app, socket_path=socket)
-            if status == 0 or status >= 500:
+            if not self.app.health_ok(status):
                 raise Refused(f"{self.app.instance_unit(instance)}: {self.app.health_path} on {socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error}")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from .config import AppConfig
+from .config import CHAINED_HOOKS, OWNED_SETTINGS, AppConfig
 
 UNIT_DIR = "/etc/systemd/system"
 NGINX_SITE_DIR = "/etc/nginx/conf.d"
@@ -92,7 +92,8 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
         # Jinja blocks leave blank runs in unit files; Python keeps its PEP 8 double blank lines.
         return text if template.endswith(".py.j2") else re.sub(r"\n{3,}", "\n\n", text)
 
-    files = [RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path, get("gunicorn.conf.py.j2"))]
+    files = [RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path,
+                          get("gunicorn.conf.py.j2", owned_settings=OWNED_SETTINGS, chained_hooks=CHAINED_HOOKS))]
     if app.multi_instance:
         files += [
             RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}", get("controller.j2")),
@@ -105,6 +106,8 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
                                   get("service.j2", service_type="notify-reload" if notify_reload else "notify")))
         if app.socket_activation:
             files.append(RenderedFile(f"{app.name}.socket", f"{UNIT_DIR}/{app.socket_unit}", get("socket.j2")))
+        if app.setup.commands:
+            files.append(RenderedFile(f"{app.name}-setup.service", f"{UNIT_DIR}/{app.setup_unit}", get("setup.j2")))
     files.append(RenderedFile(f"{app.name}.nginx.conf", f"{NGINX_SITE_DIR}/{app.name}.conf",
                               get("nginx-site.j2")))
     files.append(RenderedFile("nginx.service.d/reloader.conf", NGINX_DROPIN,

@@ -1,8 +1,8 @@
 """The reload engine that runs as the unit's ``ExecReload=``: one state machine, each step named.
 
-    clean up strays → pre-flight → spawn new generation → wait ready → bake → hand MAINPID over
-    → retire old generation → confirm                      (strategy "generation", the default)
-    clean up strays → pre-flight → HUP → wait new workers → bake → confirm          (strategy "hup")
+    clean up strays → setup commands → pre-flight → spawn new generation → wait ready → bake
+    → hand MAINPID over → retire old generation → confirm           (strategy "generation", the default)
+    clean up strays → setup commands → pre-flight → HUP → wait new workers → bake → confirm   ("hup")
 
 Any failure before the old generation is retired rolls back: the new master is stopped gracefully and
 the old one, which was never touched, keeps serving. The helper exits non-zero and says why in
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc
+from . import proc, setup_commands
 from .config import AppConfig
 from .loadgen import UnixHTTPConnection, get_status
 
@@ -160,7 +160,17 @@ class Swap:
                     _rmtree(entry)
 
     def preflight(self) -> None:
+        self.setup(os.path.realpath(self.app.working_directory))
         preflight(self.app, self.n)
+
+    def setup(self, release_dir: str) -> None:
+        """The [setup] commands (e.g. migrations) in the release about to go live, before its pre-flight."""
+        if not self.app.setup.commands:
+            return
+        try:
+            setup_commands.run(self.app, release_dir, self.n.status, self.n.extend)
+        except setup_commands.SetupFailed as e:
+            raise Refused(str(e)) from None
 
     def spawn_new_generation(self) -> None:
         self.n.status(f"starting a new generation next to master {self.old} (USR2)")
@@ -218,7 +228,7 @@ class Swap:
             if lost:
                 raise Refused(f"{len(lost)} new worker(s) died during the bake (e.g. pid {min(lost)})")
             status, error = _health(self.app)
-            if status >= 500 or status == 0:
+            if not self.app.health_ok(status):
                 raise Refused(f"health check {self.app.health_path} through {self.app.socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error} during the bake")
             if time.monotonic() >= deadline:
@@ -307,7 +317,7 @@ def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False) -> None
     script = Path(__file__).with_name("preflight.py")
     drop = {"user": app.user, "group": app.group, "extra_groups": []} if as_app_user else {}
     try:
-        p = subprocess.Popen([app.python, str(script), app.wsgi, app.health_path], cwd=app.working_directory,
+        p = subprocess.Popen([app.python, str(script), *preflight_args(app)], cwd=app.working_directory,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              **drop)
     except OSError as e:
@@ -335,6 +345,14 @@ def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False) -> None
     if not result.get("ok"):
         raise Refused(str(result.get("error")))
     n.status(f"pre-flight passed: {app.health_path} answered {result.get('status')}")
+
+
+def preflight_args(app: AppConfig) -> list[str]:
+    """preflight.py's command line: the app, its health path, and how production will call it."""
+    low, high = app.health_status
+    args = [app.wsgi, app.health_path, "--host", app.health_host, "--ok", f"{low}-{high}",
+            "--timeout", str(app.preflight_timeout)]
+    return args + (["--asgi"] if app.asgi else [])
 
 
 def release_of(app: AppConfig) -> str:
@@ -406,9 +424,9 @@ def _last_json(text: str) -> dict | None:
 
 def _health(app: AppConfig, timeout: float = 5.0, socket_path: str = "") -> tuple[int, str]:
     """GET the health path through the app's socket: (HTTP status, "") or (0, why there was no answer)."""
-    host = app.nginx.server_name[0] if app.nginx.server_name[0] != "_" else "localhost"
     return get_status(UnixHTTPConnection(socket_path or app.socket, timeout), app.health_path,
-                      {"Host": host, "User-Agent": "reloader-bake"})
+                      {"Host": app.health_host, "User-Agent": "reloader-bake", "X-Forwarded-Proto": "http",
+                       "X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"})
 
 
 def _rmtree(path: Path) -> None:

@@ -132,7 +132,7 @@ REJECTIONS = [
     case("typo-gunicorn-key", "[gunicorn] workrs", "did you mean 'workers'?", gunicorn={"workrs": 2}),
     case("typo-reload-key", "[reload] stratgy", "did you mean 'strategy'?", reload={"stratgy": "hup"}),
     case("typo-nginx-key", "[nginx] server_names", "did you mean 'server_name'?", nginx={"server_names": "a"}),
-    case("unknown-key-list", "[app] zzz", "unknown key; known keys: environment, environment_file, group",
+    case("unknown-key-list", "[app] zzz", "unknown key; known keys: cache_directory, environment, environment_file",
          {"zzz": 1}),
     # required keys
     case("missing-name", "[app] name", "is required", {"name": DROP}),

@@ -64,6 +64,8 @@ APT_PACKAGES = (
     "python3-pystemd",
     "python3-sdnotify",
     "python3-jinja2",
+    # For tests/test_pip_install.py: an offline `pip install --no-build-isolation .` needs bdist_wheel.
+    "python3-wheel",
     "curl",
     "procps",
     "iproute2",
@@ -78,7 +80,16 @@ APT_PACKAGES = (
 )
 #: Installed but not started at boot, so the other tests' containers boot as fast as before.
 DISABLED_UNITS = ("ssh.service", "ssh.socket", "haproxy.service")
-PIP_REQUIREMENTS = ("gunicorn==27.0.1", "flask")
+# One /opt/venv shared by every app of a container: the example app (flask), the real apps of tests/apps/
+# (Django 5.2 LTS, FastAPI on uvicorn-worker and on gunicorn's asgi worker) and gunicorn's gevent worker.
+PIP_REQUIREMENTS = (
+    "gunicorn[gevent]==27.0.1",
+    "flask",
+    "django==5.2.8",
+    "fastapi==0.165.0",
+    "uvicorn-worker==0.4.0",
+    "uvicorn==0.54.0",
+)
 # Units that only slow a container down or fail on a read-only console.
 MASKED_UNITS = (
     "systemd-networkd-wait-online.service",

@@ -3,6 +3,9 @@
 # all of them before it hands MAINPID over and retires the old generation.
 import os
 
+loglevel = "info"
+_USER = {}  # no [gunicorn] config_file: no hooks of yours to chain
+
 wsgi_app = 'app:app'
 chdir = '/srv/flaskapp/current'
 # The listening socket comes from flaskapp.socket (LISTEN_FDS); this bind is only a fallback.
@@ -16,13 +19,20 @@ preload_app = False
 pidfile = '/run/flaskapp/gunicorn.pid'
 # Control via signals and systemd only; the default control socket would go to $HOME.
 control_socket_disable = True
-accesslog = None
+# The access log goes to stdout, the error log to stderr: both end up in the journal.
+accesslog = '-'
 errorlog = "-"
-loglevel = "info"
 
 # Instances (NAME@INSTANCE.service) each have their own runtime directory.
 _READY_DIR = os.environ.get("RELOADER_READY_DIR", '/run/flaskapp/ready')
 _PYTHON = '/srv/flaskapp/venv/bin/python3'
+
+
+def _user_hook(name, *args):
+    """Your own hook of that name (from config_file), run before reloader's."""
+    hook = _USER.get(name)
+    if callable(hook):
+        hook(*args)
 
 
 def _mark(master_pid, name, text=""):
@@ -41,6 +51,7 @@ def pre_exec(server):
     configured path instead, so a virtualenv symlink switched to a new venv is picked up.
     With systemd's sockets, gunicorn passes LISTEN_FDS=n but its listeners are dup()ed close-on-exec
     copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
+    _user_hook("pre_exec", server)
     if os.path.exists(_PYTHON):
         server.START_CTX[0] = _PYTHON
         server.START_CTX["args"][0] = _PYTHON
@@ -59,6 +70,7 @@ def pre_exec(server):
 
 def when_ready(server):
     """The master is listening: record it so the helper can tell a live master from a booting one."""
+    _user_hook("when_ready", server)
     _mark(server.pid, "master", str(server.pid))
     # A master re-exec'd by USR2 runs as "python3"; keep the name `ps -C gunicorn` and operators expect.
     try:
@@ -71,11 +83,13 @@ def when_ready(server):
 
 def post_worker_init(worker):
     """The worker has imported the app (not merely forked)."""
+    _user_hook("post_worker_init", worker)
     _mark(worker.ppid, f"worker-{worker.pid}", str(worker.pid))
 
 
 def child_exit(server, worker):
     """Runs in the master when a worker died: a new generation that loses workers fails its bake."""
+    _user_hook("child_exit", server, worker)
     _mark(server.pid, f"exit-{worker.pid}", str(worker.pid))
     try:
         os.unlink(os.path.join(_READY_DIR, str(server.pid), f"worker-{worker.pid}"))
@@ -84,6 +98,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    _user_hook("on_exit", server)
     import shutil
 
     shutil.rmtree(os.path.join(_READY_DIR, str(server.pid)), ignore_errors=True)

@@ -1,0 +1,107 @@
+"""Run an app's ``[setup]`` commands (migrations, collectstatic, …) against the release being deployed.
+
+Called in two places, both already running as the app's user, in its sandbox and environment: the
+service's ``ExecReload=`` (just before the pre-flight, so a failing migration refuses the deploy while the
+old generation serves untouched) and the ``NAME-setup.service`` oneshot that ``reloader install`` starts
+before the first start. The release directory is an explicit argument: the caller decides which release
+it deploys, this module only runs commands in it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from .config import AppConfig
+
+#: Output lines kept for the one-line failure (STATUS= and the error); the journal gets all of them.
+TAIL_LINES = 3
+#: A traceback's last line: "ModuleNotFoundError: No module named 'x'", "django.db.utils.OperationalError: …".
+_EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Failed|Warning)\b:")
+
+
+class SetupFailed(Exception):
+    """A setup command failed or timed out; the message names it and ends with its output's tail."""
+
+
+def environment(app: AppConfig) -> dict[str, str]:
+    """The caller's environment (the unit's) with the app's virtualenv first on PATH, as if activated."""
+    env = dict(os.environ)
+    env["PATH"] = f"{app.bin_dir}:{env.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}"
+    if app.virtualenv:
+        env["VIRTUAL_ENV"] = app.virtualenv
+    return env
+
+
+def run(app: AppConfig, release_dir: str, status: Callable[[str], None],
+        tick: Callable[[], None] = lambda: None) -> None:
+    """Run every command in *release_dir*, in order, within ``[setup] timeout`` in total.
+
+    *status* reports progress (STATUS= and the journal); *tick* is called about once a second while a
+    command runs (to extend systemd's timeout). Raises :class:`SetupFailed` at the first failure."""
+    deadline = time.monotonic() + app.setup.timeout
+    env = environment(app)
+    for words in app.setup.commands:
+        line = shlex.join(words)
+        status(f"setup: running {line} in {release_dir}")
+        tail = _run_one(words, line, release_dir, env, deadline, app.setup.timeout, tick)
+        status(f"setup: {line} done" + (f" ({tail})" if tail else ""))
+
+
+def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], deadline: float, budget: int,
+             tick: Callable[[], None]) -> str:
+    try:
+        p = subprocess.Popen(list(words), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    except OSError as e:
+        raise SetupFailed(f"setup command {line!r} could not start: {e.strerror} ({words[0]})") from None
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    exception = [""]
+
+    def pump() -> None:
+        assert p.stdout is not None
+        for out in p.stdout:
+            out = out.rstrip()
+            print(f"setup: {out}", file=sys.stderr, flush=True)  # the journal gets every line
+            if out.strip():
+                tail.append(" ".join(out.split()))
+                if _EXCEPTION.match(out):
+                    exception[0] = tail[-1]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    while True:
+        try:
+            p.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    p.kill()
+                p.wait()
+                reader.join(5)
+                raise SetupFailed(f"setup command {line!r} timed out ([setup] timeout = {budget} s)"
+                                  + _tail(tail, exception[0])) from None
+            tick()
+    reader.join(5)
+    if p.returncode != 0:
+        raise SetupFailed(f"setup command {line!r} failed with exit status {p.returncode}"
+                          + _tail(tail, exception[0]))
+    return " | ".join(tail)[-200:]
+
+
+def _tail(lines: collections.deque[str], exception: str) -> str:
+    """The last lines, led by the last Python exception line when it scrolled out of them (a CLI that prints
+    its usage after a traceback, like flask's, would otherwise hide the cause)."""
+    text = " | ".join(([exception] if exception and exception not in lines else []) + list(lines))
+    return f": {text[-400:]}" if text else ""
