@@ -25,6 +25,8 @@ import fleetbed
 import pytest
 
 HOSTS = ("app1", "app2", "app3")
+#: The scenarios share one fleet and run in order: with pytest-xdist they all go to one worker.
+pytestmark = pytest.mark.xdist_group("fleet")
 
 
 @pytest.fixture(scope="module")
