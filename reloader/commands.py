@@ -58,6 +58,20 @@ def cmd_exec_reload(args: argparse.Namespace) -> int:
             bus.close()
 
 
+def cmd_exec_started(args: argparse.Namespace) -> int:
+    """``ExecStartPost=`` of an app's service: record the first live release, report what serves."""
+    from .swap import Notifier, report_start
+
+    app = load(args.config)
+    try:
+        main_pid = int(os.environ.get("MAINPID") or 0)
+    except ValueError:
+        main_pid = 0
+    if not main_pid:
+        raise Failed("exec-started runs as the service's ExecStartPost= (no $MAINPID)")
+    return report_start(app, main_pid, Notifier(app.name))
+
+
 def cmd_instances(args: argparse.Namespace) -> int:
     """``ExecStart=``/``ExecStop=`` of a blue-green/rolling controller unit: bring the instances up or down."""
     from . import fleet
@@ -203,8 +217,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         manifest = {"name": app.name, "config": app.config_path, "installed": time.time(),
                     "files": {f.install_path: hashlib.sha256(f.content.encode()).hexdigest() for f in files},
                     "units": units}
-        if app.multi_instance:
-            manifest["state_dir"] = app.state_dir
+        manifest["state_dir"] = app.state_dir  # the records (single master) or the instances' pins
         _write_atomic(_manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
         sd.enable(units)  # before daemon-reload, so systemd loads the units with their new symlinks
         sd.daemon_reload()
@@ -433,6 +446,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--notify-reload", action="store_true", help="the unit is Type=notify-reload")
     p.set_defaults(func=cmd_exec_reload)
+
+    p = sub.add_parser("exec-started", help="(systemd hook) the app service's ExecStartPost=")
+    p.add_argument("config", metavar="CONFIG")
+    p.set_defaults(func=cmd_exec_started)
 
     p = sub.add_parser("rollback", help="blue-green: switch NAME back to the previous colour")
     p.add_argument("name", metavar="NAME")

@@ -1,7 +1,9 @@
 # Gunicorn settings for flaskapp, generated from flaskapp-blue-green.toml by reloader.
 # The hooks below record, per master, which workers have *loaded the app*: the reload helper waits for
 # all of them before it hands MAINPID over and retires the old generation.
+import json
 import os
+import sys
 
 wsgi_app = 'app:app'
 chdir = '/srv/flaskapp/current'
@@ -25,11 +27,11 @@ _READY_DIR = os.environ.get("RELOADER_READY_DIR", '/run/flaskapp/ready')
 _PYTHON = '/srv/flaskapp/venv/bin/python3'
 
 
-def _mark(master_pid, name, text=""):
+def _mark(master_pid, name, text="", mode=0o644):
     directory = os.path.join(_READY_DIR, str(master_pid))
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(path + ".tmp", "w") as f:
+    with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
@@ -38,12 +40,13 @@ def pre_exec(server):
     """Runs in the forked child just before USR2 re-execs the new master.
 
     gunicorn re-execs sys.executable, which is already resolved into the *old* virtualenv; exec the
-    configured path instead, so a virtualenv symlink switched to a new venv is picked up.
+    virtualenv the reload resolved (or the configured path), so a virtualenv switched by symlink is used.
     With systemd's sockets, gunicorn passes LISTEN_FDS=n but its listeners are dup()ed close-on-exec
     copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
-    if os.path.exists(_PYTHON):
-        server.START_CTX[0] = _PYTHON
-        server.START_CTX["args"][0] = _PYTHON
+    python = _PYTHON
+    if os.path.exists(python):
+        server.START_CTX[0] = python
+        server.START_CTX["args"][0] = python
     if not getattr(server, "systemd", False):
         return
     import fcntl
