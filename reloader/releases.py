@@ -64,6 +64,8 @@ class Records:
     live: Release | None = None
     previous: Release | None = None
     refused: dict[str, Refusal] = field(default_factory=dict)
+    #: Every release that was ever live (passed a reload or the first start): what rollback may name.
+    proven: tuple[str, ...] = ()
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -85,7 +87,8 @@ def read(app: AppConfig) -> Records:
 
     refused = {d: Refusal(str(r.get("reason", "")), float(r.get("time", 0)))
                for d, r in (data.get("refused") or {}).items() if isinstance(r, dict)}
-    return Records(entry(data.get("live")), entry(data.get("previous")), refused)
+    proven = tuple(p for p in data.get("proven") or () if isinstance(p, str))
+    return Records(entry(data.get("live")), entry(data.get("previous")), refused, proven)
 
 
 def resolve_current(app: AppConfig) -> str:
@@ -126,7 +129,9 @@ def record_live(app: AppConfig, release: Release) -> Records:
     else:
         previous = old.live
     refused = {d: r for d, r in old.refused.items() if d != release.release}
-    new = Records(Release(release.release, release.virtualenv, release.since or time.time()), previous, refused)
+    proven = tuple(p for p in old.proven if p != release.release) + (release.release,)
+    new = Records(Release(release.release, release.virtualenv, release.since or time.time()), previous, refused,
+                  proven)
     _save(app, new)
     return new
 
@@ -135,7 +140,7 @@ def record_refused(app: AppConfig, release_dir: str, reason: str) -> Records:
     old = read(app)
     refused = dict(old.refused)
     refused[release_dir] = Refusal(reason, time.time())
-    new = Records(old.live, old.previous, refused)
+    new = Records(old.live, old.previous, refused, old.proven)
     _save(app, new)
     return new
 
@@ -144,7 +149,7 @@ def _save(app: AppConfig, records: Records) -> None:
     state = Path(app.state_dir)
     data = {"live": asdict(records.live) if records.live else None,
             "previous": asdict(records.previous) if records.previous else None,
-            "refused": {d: asdict(r) for d, r in records.refused.items()}}
+            "refused": {d: asdict(r) for d, r in records.refused.items()}, "proven": list(records.proven)}
     write_atomic(state / RECORDS, json.dumps(data, indent=2) + "\n", 0o644)
     for name, entry in (("live", records.live), ("previous", records.previous)):
         link = state / name
@@ -239,8 +244,38 @@ def listing(app: AppConfig) -> list[dict]:
             row.update(state="previous", since=records.previous.since)
         elif path in records.refused:
             row.update(state="refused", reason=records.refused[path].reason, time=records.refused[path].time)
+        elif path in records.proven:
+            row.update(state="proven")
         rows.append(row)
     return rows
+
+
+def rollback_target(app: AppConfig, name: str = "") -> str:
+    """The release a rollback deploys: *name* if it was proven live once, else the previous release."""
+    records = read(app)
+    if not name:
+        if records.previous is None:
+            raise BadRelease("no previous release recorded to roll back to")
+        return records.previous.release
+    path = check_release(app, name)
+    if path not in records.proven:
+        state = "was refused" if path in records.refused else "was never live"
+        raise BadRelease(f"{name}: {state}; rollback only goes to a proven release (deploy it with --release)")
+    return path
+
+
+def point_current(app: AppConfig, release_dir: str) -> str:
+    """Atomically point ``current`` (the configured working directory) at *release_dir*; returns what it
+    pointed at before, so a refused deploy can put it back."""
+    link = Path(app.working_directory)
+    if not link.is_symlink():
+        raise BadRelease(f"{link} (working_directory) is not a symlink; --release needs one to point")
+    before = os.readlink(link)
+    tmp = link.with_name(f".{link.name}.reloader")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(release_dir)
+    os.replace(tmp, link)
+    return before
 
 
 def prune(app: AppConfig, keep: int) -> list[str]:
@@ -256,7 +291,8 @@ def prune(app: AppConfig, keep: int) -> list[str]:
         removed.append(row["path"])
     if removed:
         _save(app, Records(records.live, records.previous,
-                           {d: r for d, r in records.refused.items() if d not in removed}))
+                           {d: r for d, r in records.refused.items() if d not in removed},
+                           tuple(p for p in records.proven if p not in removed)))
     return removed
 
 

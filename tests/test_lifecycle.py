@@ -129,3 +129,103 @@ def test_a_refused_release_never_runs_after_worker_deaths_crashes_and_restarts(c
     # Requests in flight on a SIGKILLed worker are resent by nginx to the socket, whose backlog systemd
     # holds across the restart: none is lost.
     assert report["failures"] == {}, (report["summary"], report.get("first_failures"))
+
+
+def make_release(app: App, n: int, version: str, *, code: str | None = None, static: dict[str, str] | None = None,
+                 extra: str = SHOW_ENV) -> str:
+    """A release directory /srv/flaskapp/releases/N that `current` does not point at (yet)."""
+    d = f"/srv/flaskapp/releases/{n}"
+    app.c.run(["mkdir", "-p", f"{d}/static"])
+    source = code if code is not None else app.c.read_file("/src/examples/flaskapp/app.py").replace(
+        'VERSION = "v1"', f"VERSION = {version!r}") + extra
+    app.c.write_file(f"{d}/app.py", source)
+    for name, text in (static or {}).items():
+        app.c.write_file(f"{d}/static/{name}", text)
+    time.sleep(0.05)  # releases are ordered by directory mtime: keep them distinct
+    return d
+
+
+def reloader(app: App, *args: str):
+    return app.c.run(["reloader", *args], check=False, timeout=300)
+
+
+def test_environment_deploy_release_refusal_rollback_prune_and_static_assets(container) -> None:
+    app = App(container)
+    config = app.variant(reload="bake_seconds = 1\nkeep_releases = 3")
+    toml = app.c.read_file(config).replace(
+        'health_path = "/health"\n',
+        'health_path = "/health"\nenvironment = { GREETING = "one" }\nenvironment_file = "/etc/flaskapp.env"\n')
+    app.c.write_file(config, toml)
+    app.c.write_file("/etc/flaskapp.env", "SECRET=s1\n")
+    app.install(config, extra=SHOW_ENV, files={"static/app.css": "css-1", "static/old.css": "old-1"})
+    assert app.wait_version("v1"), app.journal()
+    r1 = current(app)
+    assert app.get("/env").json == {"greeting": "one", "secret": "s1"}
+
+    # The environment: a TOML change through `reloader install`, an EnvironmentFile= change through reload.
+    load = app.start_load(concurrency=6, long=2, long_path="/slow?s=1")
+    app.c.write_file(config, toml.replace('GREETING = "one"', 'GREETING = "two"'))
+    r = reloader(app, "install", config)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert app.get("/env").json == {"greeting": "two", "secret": "s1"}, "install reported success too early"
+    app.c.write_file("/etc/flaskapp.env", "SECRET=s2\n")
+    assert app.reload().returncode == 0, app.journal(30)
+    assert app.get("/env").json == {"greeting": "two", "secret": "s2"}
+    report = app.stop_load(load)
+    assert report["total"] > 0 and report["failures"] == {}, (report["summary"], report.get("first_failures"))
+    print(f"environment via install and via EnvironmentFile + reload: {report['summary']}")
+
+    # --release: deploys, refusals and bad input leave current == live.
+    load = app.start_load(concurrency=6, long=2, long_path="/slow?s=1")
+    r2 = make_release(app, 2, "v2", static={"app.css": "css-2"})
+    r = reloader(app, "deploy", "flaskapp", "--release", r2)
+    assert r.returncode == 0, (r.stdout, r.stderr, app.journal(30))
+    assert app.version() == "v2" and current(app) == r2 and records(app)["live"]["release"] == r2
+    assert app.get("/static/app.css").body == "css-2"
+    assert app.get("/static/old.css").status == 200, "the previous release's assets stay reachable"
+
+    app.c.run("mkdir -p /tmp/elsewhere && touch /srv/flaskapp/releases/afile && "
+              "ln -sfn loop1 /srv/flaskapp/releases/loop2 && ln -sfn loop2 /srv/flaskapp/releases/loop1")
+    state = app.c.read_file("/var/lib/reloader/flaskapp/releases.json")
+    for bad, why in (("/srv/flaskapp/releases/nosuch", "no such release directory"),
+                     ("/srv/flaskapp/releases/afile", "not a directory"),
+                     ("/tmp/elsewhere", "not a release in /srv/flaskapp/releases"),
+                     ("/srv/flaskapp/releases/loop1", "symlink loop")):
+        r = reloader(app, "deploy", "flaskapp", "--release", bad)
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
+        assert current(app) == r2 and app.c.read_file("/var/lib/reloader/flaskapp/releases.json") == state, bad
+    app.c.run("rm -f /srv/flaskapp/releases/afile /srv/flaskapp/releases/loop1 /srv/flaskapp/releases/loop2")
+
+    # A refused release with static assets: current goes back, every static URL of release 2 still answers.
+    r3 = make_release(app, 3, "v3", code=BROKEN, static={"app.css": "css-3", "new.css": "new-3"})
+    r = reloader(app, "deploy", "flaskapp", "--release", r3)
+    assert r.returncode == 1 and "current put back" in r.stdout, (r.stdout, r.stderr)
+    assert current(app) == r2 and app.version() == "v2"
+    assert (app.get("/static/app.css").status, app.get("/static/app.css").body) == (200, "css-2")
+    assert app.get("/static/old.css").status == 200 and app.get("/static/new.css").status == 404
+    listed = json.loads(reloader(app, "releases", "flaskapp", "--json").stdout)
+    states = {row["release"]: row["state"] for row in listed["releases"]}
+    assert states == {"1": "previous", "2": "live", "3": "refused"}, listed
+    assert "ModuleNotFoundError" in next(row for row in listed["releases"] if row["release"] == "3")["reason"]
+    status = json.loads(reloader(app, "status", "flaskapp", "--json").stdout)
+    assert status["live_release"] == r2 and status["refused_release"] == "3", status
+    assert "ModuleNotFoundError" in status["refused_reason"]
+
+    # rollback: a verified reload onto the previous proven release.
+    r = reloader(app, "rollback", "flaskapp")
+    assert r.returncode == 0, (r.stdout, r.stderr, app.journal(30))
+    assert app.version() == "v1" and current(app) == r1 and records(app)["live"]["release"] == r1
+    r = reloader(app, "rollback", "flaskapp", "3")
+    assert r.returncode == 2 and "was refused" in r.stderr, r.stderr
+
+    # keep_releases = 3 prunes the oldest release directories, never the live or previous one.
+    for n in (4, 5):
+        d = make_release(app, n, f"v{n}")
+        r = reloader(app, "deploy", "flaskapp", "--release", d)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert app.version() == f"v{n}" and current(app) == d
+    left = sorted(app.c.run("ls /srv/flaskapp/releases").stdout.split())
+    assert left == ["3", "4", "5"], left
+    report = app.stop_load(load)
+    assert report["total"] > 0 and report["failures"] == {}, (report["summary"], report.get("first_failures"))
+    print(f"--release deploys, refusal, rollback, prune: {report['summary']}")
