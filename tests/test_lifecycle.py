@@ -229,3 +229,40 @@ def test_environment_deploy_release_refusal_rollback_prune_and_static_assets(con
     report = app.stop_load(load)
     assert report["total"] > 0 and report["failures"] == {}, (report["summary"], report.get("first_failures"))
     print(f"--release deploys, refusal, rollback, prune: {report['summary']}")
+
+
+def test_hup_strategy_keeps_its_release_and_takes_the_new_environment(container) -> None:
+    app = App(container)
+    config = app.variant(reload='strategy = "hup"\nbake_seconds = 1')
+    toml = app.c.read_file(config).replace(
+        'health_path = "/health"\n', 'health_path = "/health"\nenvironment = { GREETING = "one" }\n')
+    app.c.write_file(config, toml)
+    app.install(config, extra=SHOW_ENV)
+    assert app.wait_version("v1"), app.journal()
+    load = app.start_load(concurrency=6, long=2, long_path="/slow?s=1")
+    app.ship("v2", extra=SHOW_ENV)
+    assert app.reload().returncode == 0, app.journal(30)
+    r2 = current(app)
+    master = app.props()["MainPID"]
+    # The environment reaches the HUPed master's new workers, and install waits for that.
+    app.c.write_file(config, toml.replace('GREETING = "one"', 'GREETING = "two"'))
+    r = reloader(app, "install", config)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert app.get("/env").json["greeting"] == "two" and app.props()["MainPID"] == master
+    # Refused, then a worker dies: it comes back on release 2.
+    app.ship(code=BROKEN)
+    assert app.reload().returncode != 0
+    victim = workers_of(app, master)[0]
+    app.c.run(["kill", "-KILL", str(victim)])
+    wait_until(lambda: victim not in workers_of(app, master) and len(workers_of(app, master)) == 4, 30,
+               "the killed worker to be replaced")
+    assert app.version() == "v2" and app.props()["MainPID"] == master
+    report = app.stop_load(load)
+    assert report["total"] > 0 and report["failures"] == {}, (report["summary"], report.get("first_failures"))
+    print(f"hup: deploy, environment, refusal, worker kill: {report['summary']}")
+    # The master crashes: the live release boots, with the current environment.
+    app.c.run(["kill", "-KILL", str(master)])
+    wait_until(lambda: app.props()["MainPID"] not in (0, master), 60, "a new master")
+    props = serving_and_active(app, "v2")
+    assert app.c.run(f"readlink /proc/{props['MainPID']}/cwd").stdout.strip() == r2
+    assert app.get("/env").json["greeting"] == "two"
