@@ -273,10 +273,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Service settings a reload applies: systemd reads them per job, or the new master gets them from the
-#: helper (Environment=, EnvironmentFile=). Any other changed line needs a restart.
+#: Service settings a reload applies: systemd reads them per job or sets them up for every process it
+#: spawns (StateDirectory=, for the helper), or the new master gets them from the helper (Environment=,
+#: EnvironmentFile=). Any other changed line needs a restart.
 _RELOAD_SAFE = ("Environment=", "EnvironmentFile=", "ExecReload=", "ExecStartPost=", "TimeoutStartSec=",
-                "TimeoutStopSec=", "Restart=", "RestartSec=", "Description=", "#")
+                "TimeoutStopSec=", "Restart=", "RestartSec=", "Description=", "StateDirectory=",
+                "StateDirectoryMode=", "#")
 
 
 def _restart_only_changes(app: AppConfig, files: list[RenderedFile]) -> list[str]:

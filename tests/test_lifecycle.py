@@ -230,6 +230,15 @@ def test_environment_deploy_release_refusal_rollback_prune_and_static_assets(con
     assert report["total"] > 0 and report["failures"] == {}, (report["summary"], report.get("first_failures"))
     print(f"--release deploys, refusal, rollback, prune: {report['summary']}")
 
+    # A change a reload cannot apply (the unit's WorkingDirectory=): install says so and fails; still serving.
+    app.c.run("ln -sfn /srv/flaskapp/current /srv/flaskapp/app")
+    app.c.write_file(config, app.c.read_file(config).replace('"/srv/flaskapp/current"', '"/srv/flaskapp/app"'))
+    r = reloader(app, "install", config)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "flaskapp.service: WorkingDirectory=" in r.stderr, r.stderr
+    assert "systemctl restart flaskapp.service" in r.stderr, r.stderr
+    assert app.version() == "v5"
+
 
 def test_hup_strategy_keeps_its_release_and_takes_the_new_environment(container) -> None:
     app = App(container)
