@@ -37,6 +37,18 @@ def workers_of(app: App, master: int) -> list[int]:
     return sorted(int(p) for p in r.stdout.split())
 
 
+def busy_worker(app: App, master: int) -> int:
+    """A worker of *master* in the middle of a request (sleeping in /slow), which it has not answered yet:
+    SIGKILLing it must cost nothing (nginx resends the request). A worker killed while *writing* a
+    response loses that response with any server, so the tests do not pick one at random."""
+    def find() -> int:
+        for pid in workers_of(app, master):
+            if "nanosleep" in app.c.run(["cat", f"/proc/{pid}/wchan"], check=False).stdout:
+                return pid
+        return 0
+    return wait_until(find, 30, "a worker busy with a slow request", interval=0.05)
+
+
 def records(app: App) -> dict:
     return json.loads(app.c.read_file("/var/lib/reloader/flaskapp/releases.json"))
 
@@ -86,7 +98,7 @@ def test_a_refused_release_never_runs_after_worker_deaths_crashes_and_restarts(c
     # the master's own release (2), never from current (3).
     master = props["MainPID"]
     exits_dir = f"/run/flaskapp/ready/{master}"
-    victim = workers_of(app, master)[0]
+    victim = busy_worker(app, master)
     app.c.run(["kill", "-KILL", str(victim)])
     wait_until(lambda: victim not in workers_of(app, master) and len(workers_of(app, master)) == 4, 30,
                "the killed worker to be replaced")
@@ -261,7 +273,7 @@ def test_hup_strategy_keeps_its_release_and_takes_the_new_environment(container)
     # Refused, then a worker dies: it comes back on release 2.
     app.ship(code=BROKEN)
     assert app.reload().returncode != 0
-    victim = workers_of(app, master)[0]
+    victim = busy_worker(app, master)
     app.c.run(["kill", "-KILL", str(victim)])
     wait_until(lambda: victim not in workers_of(app, master) and len(workers_of(app, master)) == 4, 30,
                "the killed worker to be replaced")
@@ -269,9 +281,18 @@ def test_hup_strategy_keeps_its_release_and_takes_the_new_environment(container)
     report = app.stop_load(load)
     assert report["total"] > 0 and report["failures"] == {}, (report["summary"], report.get("first_failures"))
     print(f"hup: deploy, environment, refusal, worker kill: {report['summary']}")
-    # The master crashes: the live release boots, with the current environment.
+    # The virtualenv symlink is switched to one without Flask: refused. Then the master crashes: the
+    # live release boots with its own virtualenv and the current environment, no crash loop.
+    app.c.run("cp -a /opt/venv /opt/venv-broken && rm -rf /opt/venv-broken/lib/python3*/site-packages/flask && "
+              "sed -i '1s|/opt/venv/|/opt/venv-broken/|' /opt/venv-broken/bin/gunicorn && "
+              "ln -sfn /opt/venv-broken /srv/flaskapp/venv.new && mv -T /srv/flaskapp/venv.new /srv/flaskapp/venv")
+    app.ship("v3", extra=SHOW_ENV)
+    r = app.reload()
+    assert r.returncode != 0 and "No module named 'flask'" in app.props()["StatusText"], app.props()
     app.c.run(["kill", "-KILL", str(master)])
     wait_until(lambda: app.props()["MainPID"] not in (0, master), 60, "a new master")
     props = serving_and_active(app, "v2")
+    assert app.props()["NRestarts"] == 1, app.props()
     assert app.c.run(f"readlink /proc/{props['MainPID']}/cwd").stdout.strip() == r2
+    assert "booting the live virtualenv /opt/venv" in app.journal(100)
     assert app.get("/env").json["greeting"] == "two"

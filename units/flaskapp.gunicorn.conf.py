@@ -80,6 +80,28 @@ def _release():
     return live
 
 
+def _run_live_virtualenv():
+    """On a fresh start (not a HUP: this process evaluates this file for the first time), when the live
+    release was proven with another virtualenv than the one systemd started (its symlink was switched to
+    one a reload refused), re-exec gunicorn from the live one: same PID, sockets and arguments."""
+    fresh = os.environ.get("RELOADER_MASTER") != str(os.getpid())
+    os.environ["RELOADER_MASTER"] = str(os.getpid())
+    if not fresh or _boot_request():
+        return
+    try:
+        with open(_RECORDS) as f:
+            venv = json.load(f)["live"]["virtualenv"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    python, script = os.path.join(venv, "bin", "python3"), os.path.join(venv, "bin", "gunicorn")
+    if not venv or os.path.realpath(sys.prefix) == venv or not os.path.exists(script):
+        return
+    print(f"reloader: flaskapp: booting the live virtualenv {venv}, not {os.path.realpath(sys.prefix)}",
+          file=sys.stderr, flush=True)
+    os.execv(python, [python, script] + sys.argv[1:])
+
+
+_run_live_virtualenv()
 chdir = _release()
 # gunicorn put its start directory on sys.path before reading this file: keep only the release's.
 if os.getcwd() != chdir and os.getcwd() in sys.path:
