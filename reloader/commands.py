@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import CONFIG_DIR, STATE_DIR, AppConfig, load
+from .config import CONFIG_DIR, STATE_DIR, AppConfig, ConfigError, load
 from .errors import Failed
 from .render import NGINX_DROPIN, RenderedFile, render
 
@@ -58,6 +58,20 @@ def cmd_exec_reload(args: argparse.Namespace) -> int:
             bus.close()
 
 
+def cmd_exec_started(args: argparse.Namespace) -> int:
+    """``ExecStartPost=`` of an app's service: record the first live release, report what serves."""
+    from .swap import Notifier, report_start
+
+    app = load(args.config)
+    try:
+        main_pid = int(os.environ.get("MAINPID") or 0)
+    except ValueError:
+        main_pid = 0
+    if not main_pid:
+        raise Failed("exec-started runs as the service's ExecStartPost= (no $MAINPID)")
+    return report_start(app, main_pid, Notifier(app.name))
+
+
 def cmd_instances(args: argparse.Namespace) -> int:
     """``ExecStart=``/``ExecStop=`` of a blue-green/rolling controller unit: bring the instances up or down."""
     from . import fleet
@@ -72,6 +86,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .swap import Notifier, Refused, _try_lock
 
     app = _app_for(args.name)
+    if not app.multi_instance:
+        from . import releases
+
+        try:
+            target = releases.rollback_target(app, args.release or "")
+        except releases.BadRelease as e:
+            raise ConfigError(f"rollback: {e}") from None
+        print(f"{app.name}: rolling back to {target}")
+        return _deploy(app, argparse.Namespace(timeout=0, json=False), target)
+    if args.release:
+        raise ConfigError(f"rollback: {app.strategy} switches back to the previous instance; it takes no RELEASE")
     if app.strategy != "blue-green":
         raise Failed(f"{app.name} uses strategy {app.strategy!r}; rollback is for blue-green (deploy the "
                      "previous release instead)")
@@ -165,12 +190,6 @@ def _ensure_user(app: AppConfig) -> bool:
     return True
 
 
-#: Unit settings a running service only gets by a restart: a reload's new generation is forked by the old
-#: master, inside its mount namespace and with its user (daemon-reload + reload changes neither).
-RESTART_SETTINGS = ("ReadWritePaths", "StateDirectory", "CacheDirectory", "LogsDirectory", "User", "Group",
-                    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices")
-
-
 def preinstall_problems(app: AppConfig) -> list[str]:
     """What ``install`` refuses before writing anything (exit 2): things the units would trip over later."""
     problems = []
@@ -183,20 +202,6 @@ def preinstall_problems(app: AppConfig) -> list[str]:
             problems.append(f"{app.source}: [app] read_write_paths: {path} does not exist (systemd would refuse "
                             "to start the service); create it, or use state_directory to have systemd create one")
     return problems
-
-
-def _restart_settings(unit_text: str) -> list[str]:
-    return sorted(line for line in unit_text.splitlines() if line.split("=", 1)[0] in RESTART_SETTINGS)
-
-
-def needs_restart(service_path: str, new_text: str) -> list[str]:
-    """The RESTART_SETTINGS lines that differ between the installed service unit and *new_text*."""
-    try:
-        old = Path(service_path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    before, after = set(_restart_settings(old)), set(_restart_settings(new_text))
-    return sorted(before ^ after)
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -258,16 +263,22 @@ def cmd_install(args: argparse.Namespace) -> int:
             return 0
         if not changed and service.running:
             print(f"{app.name}: already installed and running; nothing changed")
+            if not app.multi_instance:
+                _check_environment(app, service.main_pid)
             return _check_through_nginx(app, sd.state("nginx.service").load_state == "loaded")
-        service_file = next(f for f in files if f.install_path.endswith("/" + app.service))
-        restart = service.running and needs_restart(service_file.install_path, service_file.content)
+        # A reload starts the new master from the old one: it keeps the old unit's user, sandbox (mount
+        # namespace) and sockets; only the environment and the gunicorn config reach it. Anything else
+        # needs a restart: refuse before writing anything unless asked to restart.
+        restart = restart_only_changes(app, files) if service.running else []
+        restart_units = ([app.socket_unit] if any(k.startswith(app.socket_unit) for k in restart) else []) \
+            + [app.service]
         if restart and not args.restart:
-            raise Failed(f"{app.name}: {', '.join(restart)} changed: a reload keeps the running generation's user "
-                         f"and mount namespace, so {app.service} needs a restart; run `reloader install "
-                         f"{args.config} --restart`" + (" (the socket holds connections meanwhile)"
-                                                        if app.socket_activation else
-                                                        " (without socket_activation requests fail meanwhile)")
-                         + "; nothing was changed")
+            raise Failed(f"{app.name}: {', '.join(restart)} changed, which a reload cannot apply (the running "
+                         "generation keeps its user, sandbox and sockets); nothing was changed: run `reloader "
+                         f"install {args.config} --restart`, which runs `systemctl restart {' '.join(restart_units)}`"
+                         + (" (the socket holds connections meanwhile)" if app.socket_activation
+                            and app.socket_unit not in restart_units else
+                            " (requests are refused while the socket is re-created)"))
         for path in changed:
             print("\n".join(changes[path]))
         _ensure_user(app)
@@ -278,8 +289,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         manifest = {"name": app.name, "config": app.config_path, "installed": time.time(),
                     "files": {f.install_path: hashlib.sha256(f.content.encode()).hexdigest() for f in files},
                     "units": units}
-        if app.multi_instance:
-            manifest["state_dir"] = app.state_dir
+        manifest["state_dir"] = app.state_dir  # the records (single master) or the instances' pins
         _write_atomic(_manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
         sd.enable(units)  # before daemon-reload, so systemd loads the units with their new symlinks
         sd.daemon_reload()
@@ -290,11 +300,11 @@ def cmd_install(args: argparse.Namespace) -> int:
         if app.setup.commands and not service.running:
             _run_setup_unit(sd, app)
         if restart:
-            print(f"{app.name}: restarting {app.service} for {', '.join(restart)}"
-                  + (" (the socket holds connections)" if app.socket_activation else ""))
+            print(f"{app.name}: restarting {' '.join(restart_units)} for {', '.join(restart)}")
             if app.setup.commands:
                 _run_setup_unit(sd, app)
-            _job_ok(sd, app.service, sd.restart_unit(app.service, timeout=timeout), "restart")
+            for unit in restart_units:
+                _job_ok(sd, unit, sd.restart_unit(unit, timeout=timeout), "restart")
         elif service.running:
             print(f"{app.name}: reloading the running service")
             _job_ok(sd, app.service, sd.reload_unit(app.service, timeout=timeout), "reload")
@@ -311,6 +321,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             if st.active_state != "active":
                 raise Failed(f"{unit} is {st.active_state}/{st.sub_state} after install; "
                              f"see journalctl -u {unit}")
+        if not app.multi_instance:
+            _check_environment(app, sd.state(app.service).main_pid)
     return _check_through_nginx(app, nginx.load_state == "loaded", "installed")
 
 
@@ -325,6 +337,72 @@ def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "instal
                      f"{status or 'nothing'}; see journalctl -u {app.service}")
     print(f"{app.name}: {done}; {app.health_path} answers {status} through nginx")
     return 0
+
+
+#: Service settings a reload applies: systemd reads them per job or sets them up for every process it
+#: spawns (StateDirectory=, for the helper), or the new master gets them from the helper (Environment=,
+#: EnvironmentFile=). Any other changed line needs a restart.
+_RELOAD_SAFE = ("Environment=", "EnvironmentFile=", "ExecReload=", "ExecStartPost=", "TimeoutStartSec=",
+                "TimeoutStopSec=", "Restart=", "RestartSec=", "Description=",
+                # reloader's own records: only the helper (a fresh process in a fresh namespace) writes them.
+                # The app's own StateDirectory= is another line, and needs a restart.
+                "StateDirectory=reloader/", "StateDirectoryMode=", "#")
+
+
+def restart_only_changes(app: AppConfig, files: list[RenderedFile]) -> list[str]:
+    """The settings in the service/socket units that differ from the installed ones and a reload cannot
+    apply, as 'UNIT: Key' (empty when a reload brings everything)."""
+    out = []
+    for f in files:
+        if not f.install_path.endswith((f"/{app.service}", f"/{app.socket_unit}")):
+            continue
+        try:
+            old = Path(f.install_path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            continue
+        new = f.content.splitlines()
+        for line in sorted(set(old) ^ set(new)):
+            if line.strip() and not line.startswith(_RELOAD_SAFE) and "=" in line:
+                key = f"{os.path.basename(f.install_path)}: {line.split('=', 1)[0]}="
+                if key not in out:
+                    out.append(key)
+    return out
+
+
+def _check_environment(app: AppConfig, main_pid: int) -> None:
+    """The running master has the configured environment (what its gunicorn config recorded at boot),
+    or install says exactly which variables it lacks."""
+    from . import releases
+
+    booted = releases.booted(app, main_pid)
+    if not booted:
+        raise Failed(f"{app.name}: cannot tell which environment master {main_pid} runs with (no "
+                     f"{app.ready_dir}/{main_pid}/boot.json); run `systemctl restart {app.service}`")
+    expected = dict(app.environment)
+    if app.environment_file:
+        expected.update(_read_environment_file(app.environment_file))
+    env = booted.get("environ", {})
+    wrong = sorted(k for k, v in expected.items() if env.get(k) != v)
+    if wrong:
+        raise Failed(f"{app.name}: the running master {main_pid} does not have {', '.join(wrong)} as configured; "
+                     f"run `systemctl restart {app.service}`")
+
+
+def _read_environment_file(path: str) -> dict[str, str]:
+    """The plain KEY=VALUE lines of an EnvironmentFile= (quoted or escaped values are left to systemd)."""
+    out = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith(("#", ";")) or "=" not in line:
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if not any(c in value for c in "\\\"'"):
+            out[key] = value
+    return out
 
 
 def _job_ok(sd: object, unit: str, result: str, verb: str) -> None:
@@ -385,9 +463,26 @@ def _app_for(name: str) -> AppConfig:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .bus import Systemd
+    """Reload NAME; with --release DIR, point current at DIR first and put it back if DIR is refused."""
+    from . import releases
 
     app = _app_for(args.name)
+    if not getattr(args, "release", None):
+        return _deploy(app, args)
+    try:
+        target = releases.check_release(app, args.release)
+    except releases.BadRelease as e:
+        raise ConfigError(f"--release {e}") from None
+    return _deploy(app, args, target)
+
+
+def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
+    """The reload job over D-Bus; with *target*, current points at it for the reload and is put back
+    where it was if the reload refuses it (the operator's pointer never names a refused release).
+    After a successful deploy of a release, keep_releases prunes the oldest release directories."""
+    from . import releases
+    from .bus import Systemd
+
     tty = sys.stderr.isatty()
     with Systemd() as sd:
         before = sd.state(app.service)
@@ -398,6 +493,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if before.active_state != "active":
             raise Failed(f"{app.service} is {before.active_state}, not running: start it instead of deploying")
         timeout = args.timeout or (app.ready_timeout + app.preflight_timeout + app.graceful_timeout + 60)
+        pointed_before = ""
+        if target:
+            try:
+                pointed_before = releases.point_current(app, target)
+            except releases.BadRelease as e:
+                raise ConfigError(f"--release: {e}") from None
         last = [0.0]
 
         def progress(elapsed: float) -> None:
@@ -415,11 +516,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             print("\r\033[K", end="", file=sys.stderr)
         after = sd.state(app.service)
     ok = result == "done" and after.running and after.reload_result in ("success", "")
+    notes = []
+    if target and not ok:
+        releases.point_current(app, pointed_before)
+        notes.append(f"current put back to {pointed_before}")
+    if target and ok and not app.multi_instance:
+        notes += [f"pruned {path}" for path in releases.prune(app, app.keep_releases)]
     report = {
         "unit": app.service, "result": "success" if ok else "failed", "job": result,
         "reload_result": after.reload_result, "active_state": after.active_state, "sub_state": after.sub_state,
         "old_main_pid": before.main_pid, "new_main_pid": after.main_pid, "seconds": round(took, 2),
-        "status": after.status_text,
+        "status": after.status_text, "current": releases.resolve_current(app), "notes": notes,
     }
     if args.json:
         print(json.dumps(report))
@@ -428,7 +535,35 @@ def cmd_deploy(args: argparse.Namespace) -> int:
               f"{after.reload_result or '?'}, {after.active_state}/{after.sub_state})")
         print(f"  MainPID {before.main_pid} -> {after.main_pid}")
         print(f"  status: {after.status_text}")
+        for note in notes:
+            print(f"  {note}")
     return 0 if ok else 1
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    """Every release directory of NAME with its state: live, previous, refused (why, when), never tried."""
+    from . import releases
+
+    app = _app_for(args.name)
+    if app.multi_instance:
+        raise Failed(f"{app.name} uses strategy {app.strategy!r}: `reloader status {app.name}` shows the release "
+                     "each instance runs")
+    rows = releases.listing(app)
+    if args.json:
+        print(json.dumps({"name": app.name, "root": releases.releases_root(app),
+                          "current": releases.resolve_current(app), "releases": rows}, indent=2))
+        return 0
+    current = releases.resolve_current(app)
+    for row in rows:
+        extra = ""
+        if row["state"] == "refused":
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["time"]))
+            extra = f" at {when}: {row['reason']}"
+        mark = "  <- current" if row["path"] == current else ""
+        print(f"{row['release']:<24} {row['state']}{extra}{mark}")
+    if not rows:
+        print(f"{app.name}: no release directories in {releases.releases_root(app)}")
+    return 0
 
 
 def _managed() -> list[str]:
@@ -454,6 +589,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "release": os.path.basename(os.path.realpath(app.working_directory)),
                 "strategy": app.strategy,
             }
+            if not app.multi_instance:
+                row.update(_release_state(app))
             if app.multi_instance:
                 row["instances"] = _instances(app, sd)
                 row["live"] = [i["instance"] for i in row["instances"] if i["live"]]
@@ -467,6 +604,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['name']}: {r['service']} (socket {r['socket'] or 'none'}), MainPID {r['main_pid']}, "
                   f"{r['workers']} workers, release {r['release']}, last reload {r['reload_result'] or '-'}")
+            if r.get("refused_release"):
+                print(f"  refused: release {r['refused_release']}: {r['refused_reason']}")
+            if r.get("pending"):
+                print(f"  {r['pending']}")
             for i in r.get("instances", []):
                 print(f"  {i['unit']}: {i['state']}{' (live)' if i['live'] else ''}, release {i['release'] or '-'}, "
                       f"MainPID {i['main_pid']}, {i['workers']} workers")
@@ -474,6 +615,26 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  {r['status']}")
     bad = [r for r in rows if not r["service"].startswith("active")]
     return 1 if bad else 0
+
+
+def _release_state(app: AppConfig) -> dict:
+    """The live release (what serves), separately the last refused one and why, and what current names."""
+    from . import releases
+
+    records = releases.read(app)
+    live = records.live
+    # The refusal that matters is one after the live release went live (older ones are history).
+    refused = max(((d, r) for d, r in records.refused.items() if r.time > (live.since if live else 0)),
+                  key=lambda item: item[1].time, default=None)
+    return {
+        "release": live.name if live else os.path.basename(releases.resolve_current(app)),
+        "live_release": live.release if live else None,
+        "previous_release": records.previous.release if records.previous else None,
+        "current": releases.resolve_current(app),
+        "refused_release": os.path.basename(refused[0]) if refused else None,
+        "refused_reason": refused[1].reason if refused else None,
+        "pending": releases.pending(app, records) or None,
+    }
 
 
 def _instances(app: AppConfig, sd: object) -> list[dict]:
@@ -516,7 +677,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("name", metavar="NAME")
         p.add_argument("--timeout", type=float, default=0, help="seconds to wait for the reload job")
         p.add_argument("--json", action="store_true")
+        p.add_argument("--release", metavar="DIR", help="point current at DIR (a directory in the releases root) "
+                       "and deploy it; current is put back if DIR is refused")
         p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("releases", help="NAME's releases: live, previous, refused (why, when), never tried")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_releases)
 
     p = sub.add_parser("status", help="state of NAME (or of every managed app)")
     p.add_argument("name", metavar="NAME", nargs="?")
@@ -532,8 +700,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--notify-reload", action="store_true", help="the unit is Type=notify-reload")
     p.set_defaults(func=cmd_exec_reload)
 
-    p = sub.add_parser("rollback", help="blue-green: switch NAME back to the previous colour")
+    p = sub.add_parser("exec-started", help="(systemd hook) the app service's ExecStartPost=")
+    p.add_argument("config", metavar="CONFIG")
+    p.set_defaults(func=cmd_exec_started)
+
+    p = sub.add_parser("rollback", help="verified reload onto the previous (or the named) proven release; "
+                       "blue-green: switch NAME back to the previous colour")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("release", metavar="RELEASE", nargs="?", help="a release that was live before (generation/hup)")
     p.set_defaults(func=cmd_rollback)
 
     for action, hook in (("start", "ExecStart="), ("stop", "ExecStop=")):

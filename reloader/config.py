@@ -135,6 +135,10 @@ class AppConfig:
     bake_seconds: float = 2.0
     instances: int = 3
     helper: str = DEB_HELPER
+    #: Where release directories live ("" = the directory holding the release ``current`` points at).
+    releases_root: str = ""
+    #: How many release directories `reloader deploy` keeps (the live and previous one always stay).
+    keep_releases: int = 5
     nginx: NginxConfig = field(default_factory=NginxConfig)
     #: Paths outside the systemd-managed directories the app may write (ReadWritePaths=); they must exist.
     read_write_paths: tuple[str, ...] = ()
@@ -277,7 +281,8 @@ _GUNICORN_KEYS = {
     "workers", "worker_class", "threads", "timeout", "graceful_timeout", "preload_app", "socket",
     "socket_activation", "settings", "config_file", "access_log",
 }
-_RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "instances", "helper"}
+_RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "instances", "helper",
+                "releases_root", "keep_releases"}
 _NGINX_KEYS = {"server_name", "listen", "client_max_body_size", "static", "proxy_read_timeout", "user"}
 _SETUP_KEYS = {"commands", "timeout"}
 _SECTIONS = {"app": _APP_KEYS, "gunicorn": _GUNICORN_KEYS, "reload": _RELOAD_KEYS, "nginx": _NGINX_KEYS,
@@ -480,6 +485,11 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
     bake_seconds = rel.number("bake_seconds", 2.0, 0, 3600)
     helper = rel.path("helper", default_helper())
+    releases_root = rel.path("releases_root")
+    if releases_root == "/":
+        rel.fail("releases_root", "refusing '/' as the releases root (keep_releases prunes in it); use e.g. "
+                 f"/srv/{name}/releases")
+    keep_releases = rel.integer("keep_releases", 5, 2, 1000)
 
     nginx = _nginx(_Reader(source, "nginx", data.get("nginx", {})))
     writable = _writable(app)
@@ -504,6 +514,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         ready_timeout=ready_timeout, bake_seconds=bake_seconds, instances=instances, helper=helper, nginx=nginx,
         **writable, health_status=health_status, setup=setup, gunicorn_settings=settings,
         gunicorn_config_file=config_file, access_log=access_log,
+        releases_root=releases_root.rstrip("/"), keep_releases=keep_releases,
     )
 
 

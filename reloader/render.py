@@ -109,10 +109,25 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
         if app.setup.commands:
             files.append(RenderedFile(f"{app.name}-setup.service", f"{UNIT_DIR}/{app.setup_unit}", get("setup.j2")))
     files.append(RenderedFile(f"{app.name}.nginx.conf", f"{NGINX_SITE_DIR}/{app.name}.conf",
-                              get("nginx-site.j2")))
+                              get("nginx-site.j2", static=static_locations(app))))
     files.append(RenderedFile("nginx.service.d/reloader.conf", NGINX_DROPIN,
                               env.get_template("nginx-dropin.j2").render(helper=app.helper)))
     return files
+
+
+def static_locations(app: AppConfig) -> list[tuple[str, str, str, str]]:
+    """(location, directory, regex, path in the release) per static location. A directory inside the
+    release (under working_directory) is served from the *live* release, then the previous one, through
+    the links in the state dir (reloader.releases): never from a refused release `current` points at, and
+    the old generation's assets stay reachable after a deploy. Others are served as configured."""
+    out = []
+    prefix = app.working_directory.rstrip("/") + "/"
+    for location, directory in app.nginx.static:
+        inside = "" if app.multi_instance or not directory.startswith(prefix) else directory[len(prefix):]
+        regex = "^" + re.escape(location) + ("(?<reloader_file>.*)$" if location.endswith("/") else
+                                             "(?<reloader_file>/.*)?$")
+        out.append((location, directory, regex, inside))
+    return out
 
 
 def initial_live(app: AppConfig) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc, setup_commands
+from . import proc, releases, setup_commands
 from .config import AppConfig
 from .loadgen import UnixHTTPConnection, get_status
 
@@ -45,11 +45,42 @@ class Notifier:
         self._last_extend = 0.0
 
     def send(self, text: str) -> None:
-        self._n.notify(text)
+        # sdnotify encodes as latin-1 and silently drops what does not fit (e.g. "→" or a non-ASCII
+        # path): hand it UTF-8 bytes dressed as latin-1 text, which is what systemd expects on the wire.
+        self._n.notify(text.encode("utf-8").decode("latin-1"))
 
     def status(self, text: str) -> None:
         print(f"reloader: {self.name}: {text}", file=sys.stderr, flush=True)
         self.send(f"STATUS={text}")
+
+    def barrier(self, timeout: float = 5.0) -> None:
+        """Wait until systemd has processed what we sent (sd_notify_barrier): a notification from a
+        process that exits right away may otherwise be dropped, as systemd can no longer tell which unit
+        it came from (seen with ExecStartPost=)."""
+        import array
+        import select
+        import socket
+
+        path = os.environ.get("NOTIFY_SOCKET", "")
+        if not path:
+            return
+        address = "\0" + path[1:] if path.startswith("@") else path
+        r, w = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendmsg([b"BARRIER=1"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))],
+                           0, address)
+            os.close(w)
+            w = -1
+            poller = select.poll()
+            poller.register(r, select.POLLHUP)
+            poller.poll(timeout * 1000)  # systemd closes its copy of w once it got here
+        except OSError:
+            pass
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
 
     def extend(self) -> None:
         """Keep systemd's TimeoutStartSec from expiring while a slow step is still progressing."""
@@ -74,6 +105,10 @@ class Swap:
         self.n = notifier
         self.main_pid_from_bus = main_pid_from_bus
         self.ready_dir = Path(app.ready_dir)
+        #: The release this reload deploys, resolved once at its start: the pre-flight's cwd, the new
+        #: master's chdir and what gets recorded live, whatever ``current`` points at meanwhile.
+        self.target = releases.Release(releases.resolve_current(app), releases.resolve_virtualenv(app))
+        self.release_dir = self.target.release
 
     # --- the protocol -------------------------------------------------------------------------------
     def run(self, *, notify_reload: bool = False) -> int:
@@ -85,26 +120,48 @@ class Swap:
         if notify_reload:
             self.n.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
         started = time.monotonic()
+        tried = False
         try:
             with self._lock():
                 if not proc.alive(self.old):
                     raise Refused(f"MainPID {self.old} is not running; start the service instead")
                 self.clean_up_strays()
-                self.preflight()
-                if self.app.strategy == "hup":
-                    workers = self.reload_by_hup()
-                else:
-                    workers = self.reload_by_new_generation()
+                tried = True
+                try:
+                    self.preflight()
+                    if self.app.strategy == "hup":
+                        workers = self.reload_by_hup()
+                    else:
+                        workers = self.reload_by_new_generation()
+                finally:
+                    releases.clear_boot_request(self.app)
         except Refused as e:
             serving = self._serving()
-            self.n.status(f"reload refused: {e}" + (f"; still serving {serving}" if serving else ""))
+            self.n.status(f"reload refused: release {self.release()}: {e}"
+                          + (f"; still serving {serving}" if serving else ""))
+            if tried:
+                try:
+                    releases.record_refused(self.app, self.release_dir, str(e))
+                except OSError as err:  # the refusal itself stands; only the listing misses it
+                    print(f"reloader: {self.app.name}: cannot record the refusal in {self.app.state_dir}: "
+                          f"{err.strerror}", file=sys.stderr)
             self.n.send("READY=1")
             return 1
         generation = self._next_generation()
         master = self.new or self.old
+        try:
+            releases.record_live(self.app, self.target)
+        except OSError as e:
+            # Serving but not recorded: the next restart would boot the old live release. Say so, fail.
+            self.n.status(f"serving release {self.release()} (master {master}), but it could not be recorded "
+                          f"live in {self.app.state_dir} ({e.strerror}), so a restart would not boot it; "
+                          "run `reloader install` (the unit needs StateDirectory=)")
+            self.n.send("READY=1")
+            return 1
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
                       f"(master {master}, reload took {time.monotonic() - started:.1f} s)")
         self.n.send("READY=1")
+        self.n.barrier()
         return 0
 
     def reload_by_new_generation(self) -> int:
@@ -123,6 +180,7 @@ class Swap:
     def reload_by_hup(self) -> int:
         before = set(proc.children(self.old))
         exited_before = self._exits(self.old)
+        self.request_boot(self.old)
         self.n.status(f"HUP to master {self.old}: replacing its {len(before)} workers")
         proc.send(self.old, signal.SIGHUP)
         workers = self.wait_ready(self.old, exclude=before)
@@ -160,8 +218,16 @@ class Swap:
                     _rmtree(entry)
 
     def preflight(self) -> None:
-        self.setup(os.path.realpath(self.app.working_directory))
-        preflight(self.app, self.n)
+        self.setup(self.release_dir)
+        preflight(self.app, self.n, release_dir=self.release_dir, python=self._python())
+
+    def request_boot(self, master: int) -> None:
+        """Hand the next master (the USR2 child of *master*, or *master* itself on HUP) the resolved
+        release and the unit's current environment, which systemd gave this helper."""
+        try:
+            releases.write_boot_request(self.app, master, self.target, dict(os.environ))
+        except OSError as e:
+            raise Refused(f"cannot write {releases.boot_request_path(self.app)}: {e.strerror}") from None
 
     def setup(self, release_dir: str) -> None:
         """The [setup] commands (e.g. migrations) in the release about to go live, before its pre-flight."""
@@ -173,6 +239,7 @@ class Swap:
             raise Refused(str(e)) from None
 
     def spawn_new_generation(self) -> None:
+        self.request_boot(self.old)
         self.n.status(f"starting a new generation next to master {self.old} (USR2)")
         before = set(proc.children(self.old))
         proc.send(self.old, signal.SIGUSR2)
@@ -270,7 +337,11 @@ class Swap:
 
     # --- helpers ----------------------------------------------------------------------------------
     def release(self) -> str:
-        return release_of(self.app)
+        return os.path.basename(self.release_dir)
+
+    def _python(self) -> str:
+        venv = self.target.virtualenv
+        return os.path.join(venv, "bin", "python3") if venv else self.app.python
 
     def _serving(self) -> str:
         """What the running generation serves: its master's working directory (the release it resolved)."""
@@ -307,21 +378,56 @@ class Swap:
             yield
 
 
-def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False) -> None:
+def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
+    """``ExecStartPost=``: the master systemd started is up. Wait until its workers loaded the app; on the
+    very first start (no live release recorded yet) record what it booted as live; and say in STATUS=
+    (and the journal) which release serves and whether ``current`` names one that is not deployed."""
+    if not proc.wait_for(lambda: len(ready_workers(Path(app.ready_dir), main_pid)) >= app.workers,
+                         app.ready_timeout, interval=0.1):
+        n.status(f"started, but the workers of master {main_pid} did not all load the app within "
+                 f"ready_timeout ({app.ready_timeout} s); see journalctl -u {app.service}")
+        return 1
+    booted = releases.booted(app, main_pid)
+    if not booted:
+        n.status(f"master {main_pid} did not record what it booted (an old gunicorn config? run `reloader install`)")
+        return 1
+    records = releases.read(app)
+    live = records.live
+    if live is None or not os.path.isdir(live.release):
+        live = releases.Release(booted["release"], booted.get("virtualenv", ""))
+        try:
+            records = releases.record_live(app, live)
+        except OSError as e:
+            n.status(f"serving release {live.name} (master {main_pid}), but it could not be recorded live in "
+                     f"{app.state_dir} ({e.strerror}); run `reloader install`")
+            return 1
+    note = releases.pending(app, records)
+    n.status(f"serving release {os.path.basename(booted['release'])} (master {main_pid}, started)"
+             + (f"; {note}" if note else ""))
+    n.barrier()
+    return 0
+
+
+def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False, release_dir: str = "",
+              python: str = "") -> None:
     """Import the release and request its health path in a throwaway process; raise Refused if it fails.
 
     Run by the ExecReload= of the app's own unit it already has the unit's user, environment and sandbox;
     *as_app_user* drops from root to the app's user first (the blue-green/rolling controller runs as root).
+    *release_dir* / *python*: the release and interpreter the caller resolved (default: the configured ones).
     """
-    n.status(f"pre-flight: importing {app.wsgi} from {release_of(app)} and requesting {app.health_path}")
+    release_dir = release_dir or app.working_directory
+    python = python or app.python
+    n.status(f"pre-flight: importing {app.wsgi} from {os.path.basename(os.path.realpath(release_dir))} and "
+             f"requesting {app.health_path}")
     script = Path(__file__).with_name("preflight.py")
     drop = {"user": app.user, "group": app.group, "extra_groups": []} if as_app_user else {}
     try:
-        p = subprocess.Popen([app.python, str(script), *preflight_args(app)], cwd=app.working_directory,
+        p = subprocess.Popen([python, str(script), *preflight_args(app)], cwd=release_dir,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              **drop)
     except OSError as e:
-        raise Refused(f"cannot run the pre-flight with {app.python}: {e.strerror}") from None
+        raise Refused(f"cannot run the pre-flight with {python}: {e.strerror}") from None
     deadline = time.monotonic() + app.preflight_timeout
     out = err = ""
     while True:

@@ -401,7 +401,7 @@ def test_percent_is_allowed_in_paths_and_env_and_escaped_only_in_unit_files():
     assert "ListenStream=/run/%%p.sock\n" in socket
     assert "nginx -s reload' sh /opt/%%U/reloader\n" in files["nginx.service.d/reloader.conf"]
     # gunicorn (Python) and nginx take the value literally: no systemd escaping leaks into them
-    assert "chdir = '/srv/100%n/app'" in files["myapp.gunicorn.conf.py"]
+    assert "_CURRENT = '/srv/100%n/app'" in files["myapp.gunicorn.conf.py"]
     assert "bind = ['unix:/run/%p.sock']" in files["myapp.gunicorn.conf.py"]
     assert "server unix:/run/%p.sock " in files["myapp.nginx.conf"]
     assert "alias /srv/%t/s/;" in files["myapp.nginx.conf"]

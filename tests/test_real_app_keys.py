@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import stat
@@ -57,7 +58,10 @@ def test_defaults_keep_the_example_as_it_was() -> None:
     assert app.health_host == "flaskapp.example" and not app.asgi
     files = rendered(app)
     assert "flaskapp-setup.service" not in files
-    assert "ReadWritePaths" not in files["flaskapp.service"] and "StateDirectory" not in files["flaskapp.service"]
+    service = files["flaskapp.service"]
+    # The only state directory is reloader's own records of the releases.
+    assert "ReadWritePaths" not in service and [line for line in service.splitlines()
+                                                if line.startswith("StateDirectory=")] == ["StateDirectory=reloader/flaskapp"]
     assert "accesslog = '-'" in files["flaskapp.gunicorn.conf.py"]
 
 
@@ -302,14 +306,19 @@ def test_default_helper_is_the_running_reloader_script_without_the_deb(tmp_path,
 
 
 def test_a_change_of_writable_paths_or_user_needs_a_restart(tmp_path) -> None:
-    old = rendered(load())["flaskapp.service"]
-    installed = tmp_path / "flaskapp.service"
-    installed.write_text(old)
-    assert commands.needs_restart(str(installed), old) == []
-    new = rendered(load(app={"state_directory": "flaskapp", "user": "web"}))["flaskapp.service"]
-    assert commands.needs_restart(str(installed), new) == [
-        "Group=flaskapp", "Group=web", "StateDirectory=flaskapp", "User=flaskapp", "User=web"]
-    assert commands.needs_restart(str(tmp_path / "absent.service"), new) == []
+    def planned(app: config.AppConfig) -> list:
+        return [dataclasses.replace(f, install_path=str(tmp_path / os.path.basename(f.name))) for f in render(app)]
+
+    old = planned(load())
+    for f in old:
+        Path(f.install_path).write_text(f.content)
+    assert commands.restart_only_changes(load(), old) == []
+    changed = load(app={"state_directory": "flaskapp", "user": "web"})
+    assert commands.restart_only_changes(changed, planned(changed)) == [
+        "flaskapp.service: Group=", "flaskapp.service: StateDirectory=", "flaskapp.service: User=",
+        "flaskapp.socket: SocketUser="]
+    absent = load(app={"name": "other"})
+    assert commands.restart_only_changes(absent, planned(absent)) == []
 
 
 @pytest.mark.parametrize("keepalive,line", [(None, "keepalive_timeout 1000ms;"), (5, "keepalive_timeout 4000ms;"),

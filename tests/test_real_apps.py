@@ -84,11 +84,11 @@ def test_flask_app_factory_writing_sqlite_on_sync_gthread_and_gevent(container) 
                         state_directory='"flaskr"\ncache_directory = "flaskr"')
     before = app.c.read_file("/etc/systemd/system/flaskr.service")
     r = app.install_config(config)
-    assert r.returncode == 1 and "CacheDirectory=flaskr changed" in r.stderr and "--restart" in r.stderr, r
+    assert r.returncode == 1 and "flaskr.service: CacheDirectory= changed" in r.stderr and "--restart" in r.stderr, r
     assert app.c.read_file("/etc/systemd/system/flaskr.service") == before, "a refused install changed the unit"
     load = app.start_load()
     r = app.install_config(config, "--restart")
-    assert r.returncode == 0 and "restarting flaskr.service for CacheDirectory=flaskr" in r.stdout, r
+    assert r.returncode == 0 and "restarting flaskr.service for flaskr.service: CacheDirectory=" in r.stdout, r
     assert_no_failures(app.stop_load(load))
     assert app.c.run("test -d /var/cache/flaskr", check=False).returncode == 0
     # The setup command imports the release first: its failure is the refusal.

@@ -328,16 +328,30 @@ def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
 
 
 def test_a_reload_after_a_manual_hup_still_works(container) -> None:
-    """An operator's `kill -HUP` frees fd 3 in the master; the USR2 hand-off of the sockets must not care."""
+    """An operator's `kill -HUP` frees fd 3 in the master; the USR2 hand-off of the sockets must not care.
+
+    A manual HUP replaces the workers but keeps the master's own (live) release: only a reload deploys."""
     app = App(container)
     app.install()
     assert app.wait_version("v1")
+    serving = "v1"
     for hups in (1, 2):
         app.ship(f"v{hups + 1}")
+        master = app.props()["MainPID"]
+
+        def workers(master: int = master) -> set[str]:
+            return set(app.c.run(f"ps -o pid= --ppid {master}").stdout.split())
+
+        before = workers()
         for _ in range(hups):
             assert app.systemctl("kill", "--kill-who=main", "-s", "HUP", "flaskapp").returncode == 0
-        assert app.wait_version(f"v{hups + 1}"), "HUP deploys the new code in place"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and before & workers():
+            time.sleep(0.2)
+        assert not before & workers() and len(workers()) == 4, "HUP replaced the workers"
+        assert app.version() == serving, "a manual HUP must not deploy an unverified release"
         app.ship(f"v{hups + 10}")
         r = app.reload()
         assert r.returncode == 0, (r.stderr, app.journal(30))
         assert app.version() == f"v{hups + 10}"
+        serving = f"v{hups + 10}"

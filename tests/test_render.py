@@ -184,7 +184,13 @@ def test_nginx_site(files):
     assert upstream, site
     assert re.search(r"^\s*server unix:/run/flaskapp\.sock[ ;]", upstream.group(1), re.M), upstream.group(1)
     assert "proxy_pass http://flaskapp_gunicorn;" in site
-    assert re.search(r"location /static/ \{\s*alias /srv/flaskapp/current/static/;", site), site
+    # A static dir inside the release follows the live release, then the previous one, never `current`.
+    static = re.search(r"location ~ \^/static/\(\?<reloader_file>\.\*\)\$ \{(.*?)\}", site, re.S)
+    assert static, site
+    assert "root /var/lib/reloader/flaskapp;" in static.group(1)
+    assert ("try_files /live/static/$reloader_file /previous/static/$reloader_file =404;"
+            in static.group(1)), static.group(1)
+    assert "/srv/flaskapp/current/static" not in static.group(1)
     assert re.search(r"^\s*listen 80;$", site, re.M)
     assert re.search(r"^\s*server_name flaskapp\.example _;$", site, re.M)
     assert "client_max_body_size 10m;" in site

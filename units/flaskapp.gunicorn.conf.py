@@ -1,13 +1,19 @@
 # Gunicorn settings for flaskapp, generated from flaskapp.toml by reloader.
 # The hooks below record, per master, which workers have *loaded the app*: the reload helper waits for
 # all of them before it hands MAINPID over and retires the old generation.
+import json
 import os
+import sys
 
 loglevel = "info"
 _USER = {}  # no [gunicorn] config_file: no hooks of yours to chain
 
 wsgi_app = 'app:app'
-chdir = '/srv/flaskapp/current'
+# What this master runs is decided once, here, as a resolved path (see _release): its workers, respawned
+# at any time, and every lazy import come from that release, whatever `current` points at later.
+_CURRENT = '/srv/flaskapp/current'
+_RECORDS = '/var/lib/reloader/flaskapp/releases.json'
+_BOOT_REQUEST = '/run/flaskapp/boot-request.json'
 # The listening socket comes from flaskapp.socket (LISTEN_FDS); this bind is only a fallback.
 bind = ['unix:/run/flaskapp.sock']
 workers = 4
@@ -35,26 +41,107 @@ def _user_hook(name, *args):
         hook(*args)
 
 
-def _mark(master_pid, name, text=""):
+def _mark(master_pid, name, text="", mode=0o644):
     directory = os.path.join(_READY_DIR, str(master_pid))
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(path + ".tmp", "w") as f:
+    with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def _boot_request():
+    """The release and environment a reload's helper resolved for this master: written for the master it
+    signals, i.e. our parent (we are the USR2 new master) or ourselves (HUP)."""
+    try:
+        with open(_BOOT_REQUEST) as f:
+            request = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return request if request.get("master") in (os.getpid(), os.getppid()) else None
+
+
+def _release():
+    """A reload's resolved release; else (start, restart, crash restart, reboot) the live release that
+    reloader recorded; else, on the very first start, what `current` resolves to."""
+    request = _boot_request()
+    if request:
+        if request.get("master") == os.getpid():  # HUP: this master's workers get the new environment
+            env = dict(request["environ"])
+            env.update({k: os.environ[k] for k in request["keep"] if k in os.environ})
+            os.environ.clear()
+            os.environ.update(env)
+        return request["release"]
+    current = os.path.realpath(_CURRENT)
+    try:
+        with open(_RECORDS) as f:
+            records = json.load(f)
+        live = records["live"]["release"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return current
+    if not os.path.isdir(live):
+        print(f"reloader: flaskapp: the live release {live} is gone; booting {current}", file=sys.stderr)
+        return current
+    if live != current:
+        why = records.get("refused", {}).get(current, {}).get("reason")
+        print(f"reloader: flaskapp: booting the live release {os.path.basename(live)}; current -> "
+              f"{os.path.basename(current)} " + (f"was refused: {why}" if why else "is not deployed")
+              + " (run `systemctl reload flaskapp` to deploy it)", file=sys.stderr, flush=True)
+    return live
+
+
+def _run_live_virtualenv():
+    """On a fresh start (not a HUP: this process evaluates this file for the first time), when the live
+    release was proven with another virtualenv than the one systemd started (its symlink was switched to
+    one a reload refused), re-exec gunicorn from the live one: same PID, sockets and arguments."""
+    fresh = os.environ.get("RELOADER_MASTER") != str(os.getpid())
+    os.environ["RELOADER_MASTER"] = str(os.getpid())
+    if not fresh or _boot_request():
+        return
+    try:
+        with open(_RECORDS) as f:
+            venv = json.load(f)["live"]["virtualenv"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    python, script = os.path.join(venv, "bin", "python3"), os.path.join(venv, "bin", "gunicorn")
+    if not venv or os.path.realpath(sys.prefix) == venv or not os.path.exists(script):
+        return
+    print(f"reloader: flaskapp: booting the live virtualenv {venv}, not {os.path.realpath(sys.prefix)}",
+          file=sys.stderr, flush=True)
+    os.execv(python, [python, script] + sys.argv[1:])
+
+
+_run_live_virtualenv()
+chdir = _release()
+# gunicorn put its start directory on sys.path before reading this file: keep only the release's.
+if os.getcwd() != chdir and os.getcwd() in sys.path:
+    sys.path.remove(os.getcwd())
+_mark(os.getpid(), "boot.json", json.dumps({"release": chdir, "virtualenv": os.path.realpath(sys.prefix),
+                                             "environ": dict(os.environ)}), mode=0o600)
 
 
 def pre_exec(server):
     """Runs in the forked child just before USR2 re-execs the new master.
 
     gunicorn re-execs sys.executable, which is already resolved into the *old* virtualenv; exec the
-    configured path instead, so a virtualenv symlink switched to a new venv is picked up.
+    virtualenv the reload resolved (or the configured path), so a virtualenv switched by symlink is used.
     With systemd's sockets, gunicorn passes LISTEN_FDS=n but its listeners are dup()ed close-on-exec
     copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
     _user_hook("pre_exec", server)
-    if os.path.exists(_PYTHON):
-        server.START_CTX[0] = _PYTHON
-        server.START_CTX["args"][0] = _PYTHON
+    python = _PYTHON
+    request = _boot_request()
+    if request:
+        # The environment systemd would give a fresh ExecStart= now (the helper's own), but systemd's
+        # per-process variables (journal stream, sockets) stay those of this master; gunicorn copies
+        # env_orig and chdirs to START_CTX["cwd"] right after this hook.
+        env = dict(request["environ"])
+        env.update({k: server.cfg.env_orig[k] for k in request["keep"] if k in server.cfg.env_orig})
+        server.cfg.env_orig = env
+        server.START_CTX["cwd"] = request["release"]
+        python = request["python"]
+    if os.path.exists(python):
+        server.START_CTX[0] = python
+        server.START_CTX["args"][0] = python
     if not getattr(server, "systemd", False):
         return
     import fcntl

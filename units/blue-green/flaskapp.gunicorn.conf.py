@@ -35,11 +35,11 @@ def _user_hook(name, *args):
         hook(*args)
 
 
-def _mark(master_pid, name, text=""):
+def _mark(master_pid, name, text="", mode=0o644):
     directory = os.path.join(_READY_DIR, str(master_pid))
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(path + ".tmp", "w") as f:
+    with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
@@ -48,13 +48,14 @@ def pre_exec(server):
     """Runs in the forked child just before USR2 re-execs the new master.
 
     gunicorn re-execs sys.executable, which is already resolved into the *old* virtualenv; exec the
-    configured path instead, so a virtualenv symlink switched to a new venv is picked up.
+    virtualenv the reload resolved (or the configured path), so a virtualenv switched by symlink is used.
     With systemd's sockets, gunicorn passes LISTEN_FDS=n but its listeners are dup()ed close-on-exec
     copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
     _user_hook("pre_exec", server)
-    if os.path.exists(_PYTHON):
-        server.START_CTX[0] = _PYTHON
-        server.START_CTX["args"][0] = _PYTHON
+    python = _PYTHON
+    if os.path.exists(python):
+        server.START_CTX[0] = python
+        server.START_CTX["args"][0] = python
     if not getattr(server, "systemd", False):
         return
     import fcntl
