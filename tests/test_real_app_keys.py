@@ -60,8 +60,8 @@ def test_defaults_keep_the_example_as_it_was() -> None:
     assert "flaskapp-setup.service" not in files
     service = files["flaskapp.service"]
     # The only state directory is reloader's own records of the releases.
-    assert "ReadWritePaths" not in service and [line for line in service.splitlines()
-                                                if line.startswith("StateDirectory=")] == ["StateDirectory=reloader/flaskapp"]
+    state = [line for line in service.splitlines() if line.startswith("StateDirectory=")]
+    assert "ReadWritePaths" not in service and state == ["StateDirectory=reloader/flaskapp"]
     assert "accesslog = '-'" in files["flaskapp.gunicorn.conf.py"]
 
 
