@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import grp
 import hashlib
 import json
 import os
@@ -190,6 +191,15 @@ def _ensure_user(app: AppConfig) -> bool:
     return True
 
 
+def _ensure_state_dir(app: AppConfig) -> None:
+    """The single-master unit's records directory: the helper writes it as the app user (ReadWritePaths=),
+    nginx's workers read static files through its links."""
+    path = Path(app.state_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, pwd.getpwnam(app.user).pw_uid, grp.getgrnam(app.group).gr_gid)
+    path.chmod(0o755)
+
+
 def preinstall_problems(app: AppConfig) -> list[str]:
     """What ``install`` refuses before writing anything (exit 2): things the units would trip over later."""
     problems = []
@@ -261,7 +271,9 @@ def cmd_install(args: argparse.Namespace) -> int:
                 print("\n".join(changes[path]))
             print(f"{app.name}: {len(changed)} file(s) would change" if changed else f"{app.name}: no changes")
             return 0
-        if not changed and service.running:
+        # The shortcut only for an install that once completed (a failed first install wrote the files but
+        # may have left nginx without the site, or the service restarting by itself).
+        if not changed and service.running and _read_manifest(app.name).get("verified"):
             print(f"{app.name}: already installed and running; nothing changed")
             if not app.multi_instance:
                 _check_environment(app, service.main_pid)
@@ -282,6 +294,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         for path in changed:
             print("\n".join(changes[path]))
         _ensure_user(app)
+        if not app.multi_instance:
+            _ensure_state_dir(app)
         for f in files:
             if f.install_path in changed:
                 _write_atomic(Path(f.install_path), f.content, f.mode)
@@ -323,7 +337,9 @@ def cmd_install(args: argparse.Namespace) -> int:
                              f"see journalctl -u {unit}")
         if not app.multi_instance:
             _check_environment(app, sd.state(app.service).main_pid)
-    return _check_through_nginx(app, nginx.load_state == "loaded", "installed")
+    _check_through_nginx(app, nginx.load_state == "loaded", "installed")
+    _write_atomic(_manifest_path(app.name), json.dumps({**manifest, "verified": time.time()}, indent=2) + "\n")
+    return 0
 
 
 def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "installed and running") -> int:
@@ -345,8 +361,11 @@ def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "instal
 _RELOAD_SAFE = ("Environment=", "EnvironmentFile=", "ExecReload=", "ExecStartPost=", "TimeoutStartSec=",
                 "TimeoutStopSec=", "Restart=", "RestartSec=", "Description=",
                 # reloader's own records: only the helper (a fresh process in a fresh namespace) writes them.
-                # The app's own StateDirectory= is another line, and needs a restart.
-                "StateDirectory=reloader/", "StateDirectoryMode=", "#")
+                # The app's own ReadWritePaths= are other lines, and need a restart.
+                f"ReadWritePaths={STATE_DIR}/",
+                # systemd reads these at daemon-reload; the master needs nothing of them (--notify-reload
+                # on and off, tested on systemd 257).
+                "Type=", "ReloadSignal=", "#")
 
 
 def restart_only_changes(app: AppConfig, files: list[RenderedFile]) -> list[str]:

@@ -382,8 +382,14 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
     """``ExecStartPost=``: the master systemd started is up. Wait until its workers loaded the app; on the
     very first start (no live release recorded yet) record what it booted as live; and say in STATUS=
     (and the journal) which release serves and whether ``current`` names one that is not deployed."""
-    if not proc.wait_for(lambda: len(ready_workers(Path(app.ready_dir), main_pid)) >= app.workers,
-                         app.ready_timeout, interval=0.1):
+    def ready() -> bool:
+        # A master whose workers cannot boot halts (and systemd restarts or fails the unit): stop waiting.
+        return not proc.alive(main_pid) or len(ready_workers(Path(app.ready_dir), main_pid)) >= app.workers
+
+    if not proc.wait_for(ready, app.ready_timeout, interval=0.1) or not proc.alive(main_pid):
+        if not proc.alive(main_pid):
+            n.status(f"master {main_pid} exited while its workers were booting; see journalctl -u {app.service}")
+            return 1
         n.status(f"started, but the workers of master {main_pid} did not all load the app within "
                  f"ready_timeout ({app.ready_timeout} s); see journalctl -u {app.service}")
         return 1

@@ -150,6 +150,11 @@ class App:
     def journal(self, lines: int = 60) -> str:
         return self.c.run(f"journalctl -u {self.name} --no-pager -n {lines}", check=False).stdout
 
+    def journal_with(self, text: str) -> str:
+        """The unit's whole journal, only the lines containing *text* (the access log fills the rest)."""
+        return self.c.run(f"journalctl -u {self.name} --no-pager -o cat | grep -F {shlex.quote(text)}",
+                          check=False).stdout
+
     # --- load ---------------------------------------------------------------------------------------------
     def start_load(self, *, concurrency: int = 6, long: int = 2, long_path: str = "/slow?s=2",
                    out: str = "/run/loadgen.json", stop: str = "/run/loadgen.stop",

@@ -493,6 +493,7 @@ def test_errors_unknown_nonroot_bad_config_masked(app: appbed.App) -> None:
         "flaskapp.gunicorn.conf.py",
         "flaskapp.toml",
         "/var/lib/reloader:",
+        "flaskapp",  # the example's records of its releases (/var/lib/reloader/flaskapp)
         "flaskapp.json",
     ]
     assert c.run("find /etc/systemd/system /etc/nginx -name 'badapp*'").stdout == ""

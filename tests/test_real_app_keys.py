@@ -60,8 +60,8 @@ def test_defaults_keep_the_example_as_it_was() -> None:
     assert "flaskapp-setup.service" not in files
     service = files["flaskapp.service"]
     # The only state directory is reloader's own records of the releases.
-    state = [line for line in service.splitlines() if line.startswith("StateDirectory=")]
-    assert "ReadWritePaths" not in service and state == ["StateDirectory=reloader/flaskapp"]
+    writable = [line for line in service.splitlines() if line.startswith(("ReadWritePaths=", "StateDirectory="))]
+    assert writable == ["ReadWritePaths=/var/lib/reloader/flaskapp"], writable
     assert "accesslog = '-'" in files["flaskapp.gunicorn.conf.py"]
 
 
