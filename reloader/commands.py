@@ -273,7 +273,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             return 0
         # The shortcut only for an install that once completed (a failed first install wrote the files but
         # may have left nginx without the site, or the service restarting by itself).
-        if not changed and service.running and _read_manifest(app.name).get("verified"):
+        verified = bool(_read_manifest(app.name).get("verified"))
+        if not changed and service.running and verified:
             print(f"{app.name}: already installed and running; nothing changed")
             if not app.multi_instance:
                 _check_environment(app, service.main_pid)
@@ -325,9 +326,14 @@ def cmd_install(args: argparse.Namespace) -> int:
         else:
             _job_ok(sd, app.service, sd.start_unit(app.service, timeout=timeout), "start")
         nginx = sd.state("nginx.service")
+        # An nginx reload closes idle client keep-alive connections: only when nginx's files changed (or a
+        # previous install never completed), not for a change of the app alone.
+        nginx_changed = not verified or any(p.startswith("/etc/nginx/") or "/nginx.service.d/" in p for p in changed)
         if nginx.load_state == "loaded":
-            if nginx.running:
+            if nginx.running and nginx_changed:
                 _job_ok(sd, "nginx.service", sd.reload_unit("nginx.service", timeout=120), "reload")
+            elif nginx.running:
+                print(f"{app.name}: nginx's files are unchanged; nginx not reloaded")
             else:
                 _job_ok(sd, "nginx.service", sd.start_unit("nginx.service", timeout=120), "start")
         for unit in units:
