@@ -81,26 +81,21 @@ def cmd_instances(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """Blue-green: switch back to the previous colour (during a deploy's bake, or after it)."""
-    from . import fleet
+    """A verified deploy of the previous (or the named) proven release, through the strategy's own deploy
+    (blue-green: onto the idle colour; rolling: across the instances). Blue-green without RELEASE instead
+    switches back to the previous colour (during a deploy's bake, or after it)."""
+    from . import fleet, releases
     from .bus import Systemd
     from .swap import Notifier, Refused, _try_lock
 
     app = _app_for(args.name)
-    if not app.multi_instance:
-        from . import releases
-
+    if args.release or app.strategy != "blue-green":
         try:
             target = releases.rollback_target(app, args.release or "")
         except releases.BadRelease as e:
             raise ConfigError(f"rollback: {e}") from None
         print(f"{app.name}: rolling back to {target}")
         return _deploy(app, argparse.Namespace(timeout=0, json=False), target)
-    if args.release:
-        raise ConfigError(f"rollback: {app.strategy} switches back to the previous instance; it takes no RELEASE")
-    if app.strategy != "blue-green":
-        raise Failed(f"{app.name} uses strategy {app.strategy!r}; rollback is for blue-green (deploy the "
-                     "previous release instead)")
     lock = Path(app.state_dir) / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f, Systemd() as sd:
@@ -570,10 +565,17 @@ def cmd_releases(args: argparse.Namespace) -> int:
     from . import releases
 
     app = _app_for(args.name)
-    if app.multi_instance:
-        raise Failed(f"{app.name} uses strategy {app.strategy!r}: `reloader status {app.name}` shows the release "
-                     "each instance runs")
     rows = releases.listing(app)
+    # Blue-green/rolling: which instances each release is pinned on (a stopped colour keeps its pin).
+    pins: dict[str, list[str]] = {}
+    for instance in app.instance_names if app.multi_instance else ():
+        try:
+            pins.setdefault(os.readlink(app.instance_link(instance)), []).append(instance)
+        except OSError:
+            pass
+    for row in rows:
+        if pins.get(row["path"]):
+            row["instances"] = pins[row["path"]]
     if args.json:
         print(json.dumps({"name": app.name, "root": releases.releases_root(app),
                           "current": releases.resolve_current(app), "releases": rows}, indent=2))
@@ -585,7 +587,8 @@ def cmd_releases(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["time"]))
             extra = f" at {when}: {row['reason']}"
         mark = "  <- current" if row["path"] == current else ""
-        print(f"{row['release']:<24} {row['state']}{extra}{mark}")
+        on = f" (pinned on {', '.join(row['instances'])})" if row.get("instances") else ""
+        print(f"{row['release']:<24} {row['state']}{extra}{on}{mark}")
     if not rows:
         print(f"{app.name}: no release directories in {releases.releases_root(app)}")
     return 0
@@ -614,8 +617,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "release": os.path.basename(os.path.realpath(app.working_directory)),
                 "strategy": app.strategy,
             }
-            if not app.multi_instance:
-                row.update(_release_state(app))
+            row.update(_release_state(app))
             if app.multi_instance:
                 row["instances"] = _instances(app, sd)
                 row["live"] = [i["instance"] for i in row["instances"] if i["live"]]
@@ -732,7 +734,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rollback", help="verified reload onto the previous (or the named) proven release; "
                        "blue-green: switch NAME back to the previous colour")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("release", metavar="RELEASE", nargs="?", help="a release that was live before (generation/hup)")
+    p.add_argument("release", metavar="RELEASE", nargs="?", help="a release that was live before (blue-green "
+                   "without RELEASE switches back to the previous colour)")
     p.set_defaults(func=cmd_rollback)
 
     for action, hook in (("start", "ExecStart="), ("stop", "ExecStop=")):

@@ -10,6 +10,11 @@ traffic, nginx switched only through its verified reload, and a failure puts thi
     rolling:    pre-flight → for each instance: mark it down in nginx (and the one before back up)
                 → restart on the new release → ready + health;  then all up in nginx.
                 A failure restores that instance's old release.
+
+What was deployed goes into the same records as the single-master strategies (reloader.releases): the
+release live after a switch or a completed roll, the one it replaced (previous), and a refused release
+with its reason (a deploy refused, or rolled back during the bake). `reloader releases`, `status` and
+`rollback NAME RELEASE` read them; the instances' own symlinks stay what they boot.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc
+from . import proc, releases
 from .bus import Systemd
 from .config import AppConfig
 from .render import upstream
@@ -66,6 +71,16 @@ class Fleet:
     def target(self) -> str:
         """The release being deployed: where the configured working directory points now."""
         return os.path.realpath(self.app.working_directory)
+
+    def record_live(self, release_dir: str) -> None:
+        releases.record_live(self.app, releases.Release(release_dir, releases.resolve_virtualenv(self.app)))
+
+    def seed_records(self, state: dict) -> None:
+        """No records yet (first start, or an app installed before reloader kept them): what the live
+        instances are pinned to is live."""
+        pinned = self.pinned(state["live"][0])
+        if pinned and releases.read(self.app).live is None:
+            self.record_live(pinned)
 
     # --- instances ---------------------------------------------------------------------------------------
     def start(self, instance: str, *, restart: bool = False) -> None:
@@ -131,6 +146,7 @@ class Fleet:
             self.start(instance)
         self.route(state["live"])
         self.save(state)
+        self.seed_records(state)
         return self.describe(state)
 
     def describe(self, state: dict) -> str:
@@ -140,12 +156,19 @@ class Fleet:
 
     # --- controller ExecReload= --------------------------------------------------------------------------
     def deploy(self) -> str:
-        preflight(self.app, self.n, as_app_user=os.geteuid() == 0)
+        target = self.target()
         state = self.state()
-        if self.app.strategy == "blue-green":
-            self.blue_green(state)
-        else:
-            self.rolling(state)
+        self.seed_records(state)
+        try:
+            preflight(self.app, self.n, as_app_user=os.geteuid() == 0)
+            if self.app.strategy == "blue-green":
+                self.blue_green(state)
+            else:
+                self.rolling(state)
+        except Refused as e:
+            releases.record_refused(self.app, target, str(e))
+            raise
+        self.record_live(target)
         state["generation"] = state.get("generation", 1) + 1
         self.save(state)
         return self.describe(state)
@@ -230,6 +253,7 @@ class Fleet:
         self.route([other])
         state["live"] = [other]
         self.save(state)
+        self.record_live(self.pinned(other))
         self.stop(live)
         return self.describe(state)
 

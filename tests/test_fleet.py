@@ -35,6 +35,15 @@ def live(app: App) -> list[str]:
     return status(app)["live"]
 
 
+def releases(app: App) -> dict[str, dict]:
+    listed = json.loads(app.c.run(["reloader", "releases", "flaskapp", "--json"]).stdout)
+    return {row["release"]: row for row in listed["releases"]}
+
+
+def states(app: App) -> dict[str, str]:
+    return {name: row["state"] for name, row in releases(app).items()}
+
+
 def assert_no_failed_request(report: dict) -> None:
     assert report["total"] > 0
     assert report["failures"] == {}, (report["summary"], report.get("first_failures"))
@@ -118,6 +127,16 @@ def test_blue_green_rollback_under_load(container) -> None:
     r = app.c.run(["reloader", "rollback", "flaskapp"], check=False, timeout=120)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert live(app) == ["blue"] and app.version() == "v1"
+    rows = releases(app)
+    assert {n: row["state"] for n, row in rows.items()} == {"1": "live", "2": "refused", "3": "previous"}, rows
+    assert "rolled back on operator request" in rows["2"]["reason"]
+    # rollback RELEASE: the named proven release goes onto the idle colour through the verified deploy.
+    r = app.c.run(["reloader", "rollback", "flaskapp", "3"], check=False, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr, app.journal(30))
+    assert live(app) == ["green"] and app.version() == "v3"
+    assert states(app) == {"1": "previous", "2": "refused", "3": "live"}
+    r = app.c.run(["reloader", "rollback", "flaskapp", "2"], check=False, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "was refused" in r.stderr, r.stderr
     report = app.stop_load(load)
     assert_no_failed_request(report)
 
@@ -164,3 +183,35 @@ def test_rolling_stops_at_a_failing_instance_and_restores_it(container) -> None:
     report = app.stop_load(load)
     assert_no_failed_request(report)
     assert set(report["versions"]) == {"v1"}
+
+
+def test_rolling_records_releases_and_rolls_back_under_load(container) -> None:
+    """The single-master records for rolling: live/previous/refused in `reloader releases`, and
+    `reloader rollback` rolls the previous proven release across the instances."""
+    started = time.monotonic()
+    app = install(container, ROLLING)
+    assert states(app) == {"1": "live"}
+    load = app.start_load(concurrency=6, long=1, long_path="/slow?s=1")
+    deploy(app, "v2")
+    assert states(app) == {"1": "previous", "2": "live"}
+    app.ship(code=BROKEN["import error"][0])
+    assert app.reload().returncode != 0
+    rows = releases(app)
+    assert {n: row["state"] for n, row in rows.items()} == {"1": "previous", "2": "live", "3": "refused"}, rows
+    assert "ModuleNotFoundError" in rows["3"]["reason"] and rows["2"]["instances"] == ["1", "2", "3"], rows
+    st = status(app)
+    assert st["release"] == "2" and st["refused_release"] == "3" and "ModuleNotFoundError" in st["refused_reason"]
+    r = app.c.run(["reloader", "rollback", "flaskapp"], check=False, timeout=300)
+    assert r.returncode == 0, (r.stdout, r.stderr, app.journal(30))
+    st = status(app)
+    assert {i["release"] for i in st["instances"]} == {"1"} and app.version() == "v1", st
+    assert all(i["state"] == "active/running" for i in st["instances"]), st
+    assert st["current"] == "/srv/flaskapp/releases/1", "rollback points current at what it deployed"
+    assert states(app) == {"1": "live", "2": "previous", "3": "refused"}
+    for name, why in (("3", "was refused"), ("4", "no such release directory")):
+        r = app.c.run(["reloader", "rollback", "flaskapp", name], check=False, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+    report = app.stop_load(load)
+    assert_no_failed_request(report)
+    assert set(report["versions"]) == {"v1", "v2"}
+    print(f"rolling records + rollback: {report['summary']}; {time.monotonic() - started:.0f} s")

@@ -3,6 +3,7 @@ what a master boots, the operator's --release input, listing and pruning."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import replace
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_config import cfg, rejected
 
-from reloader import config, releases
-from reloader.config import parse
+from reloader import commands, config, releases
+from reloader.config import ConfigError, parse
 
 
 def test_release_keys_default_and_parse() -> None:
@@ -131,3 +132,27 @@ def test_boot_request_drops_systemd_per_process_variables(layout, monkeypatch: p
     assert body["master"] == 42 and body["release"] == str(root / "2") and body["python"] == "/opt/venv/bin/python3"
     assert "LISTEN_FDS" in body["keep"] and "JOURNAL_STREAM" in body["keep"]
 
+
+
+def test_rolling_rollback_and_releases_read_the_same_records(layout, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Blue-green/rolling use the single-master records: rollback refuses, before any D-Bus call, what
+    was never live; `releases --json` lists the records' states and the instances each release is pinned on."""
+    single, root = layout
+    app = parse(cfg({"working_directory": single.working_directory}, reload={"strategy": "rolling", "instances": 3}))
+    monkeypatch.setattr(commands, "_app_for", lambda name: app)
+    with pytest.raises(ConfigError, match=r"^rollback: no previous release recorded"):
+        commands.cmd_rollback(argparse.Namespace(name=app.name, release=""))
+    releases.record_live(app, releases.Release(str(root / "1")))
+    releases.record_refused(app, str(root / "3"), "instance 1: boom")
+    for name, fragment in (("2", "2: was never live"), ("3", "3: was refused"), ("9", "9: no such release")):
+        with pytest.raises(ConfigError, match=f"^rollback: {fragment}"):
+            commands.cmd_rollback(argparse.Namespace(name=app.name, release=name))
+    Path(app.instance_link("1")).parent.mkdir(parents=True)
+    for instance, n in (("1", "3"), ("2", "1"), ("3", "1")):
+        Path(app.instance_link(instance)).symlink_to(root / n)
+    assert commands.cmd_releases(argparse.Namespace(name=app.name, json=True)) == 0
+    rows = {row["release"]: row for row in json.loads(capsys.readouterr().out)["releases"]}
+    assert (rows["1"]["state"], rows["1"]["instances"]) == ("live", ["2", "3"]), rows
+    assert (rows["3"]["state"], rows["3"]["reason"], rows["3"]["instances"]) == ("refused", "instance 1: boom", ["1"])
+    assert rows["2"]["state"] == "never tried" and "instances" not in rows["2"]
