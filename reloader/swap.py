@@ -155,7 +155,7 @@ class Swap:
             # Serving but not recorded: the next restart would boot the old live release. Say so, fail.
             self.n.status(f"serving release {self.release()} (master {master}), but it could not be recorded "
                           f"live in {self.app.state_dir} ({e.strerror}), so a restart would not boot it; "
-                          "run `reloader install` (the unit needs StateDirectory=)")
+                          f"run `reloader install` (it creates {self.app.state_dir} for the app user)")
             self.n.send("READY=1")
             return 1
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
@@ -386,10 +386,11 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
         # A master whose workers cannot boot halts (and systemd restarts or fails the unit): stop waiting.
         return not proc.alive(main_pid) or len(ready_workers(Path(app.ready_dir), main_pid)) >= app.workers
 
-    if not proc.wait_for(ready, app.ready_timeout, interval=0.1) or not proc.alive(main_pid):
-        if not proc.alive(main_pid):
-            n.status(f"master {main_pid} exited while its workers were booting; see journalctl -u {app.service}")
-            return 1
+    all_ready = proc.wait_for(ready, app.ready_timeout, interval=0.1)
+    if not proc.alive(main_pid):
+        n.status(f"master {main_pid} exited while its workers were booting; see journalctl -u {app.service}")
+        return 1
+    if not all_ready:
         n.status(f"started, but the workers of master {main_pid} did not all load the app within "
                  f"ready_timeout ({app.ready_timeout} s); see journalctl -u {app.service}")
         return 1
