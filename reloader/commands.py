@@ -30,7 +30,8 @@ MIN_SYSTEMD = 247
 # --- hooks (run by systemd) -----------------------------------------------------------------------------
 def cmd_exec_reload(args: argparse.Namespace) -> int:
     """``ExecReload=`` of an app's service: swap generations (see reloader.swap)."""
-    from .swap import Notifier, Swap
+    from .engine import Notifier
+    from .swap import Swap
 
     app = load(args.config)
     if app.multi_instance:
@@ -61,7 +62,8 @@ def cmd_exec_reload(args: argparse.Namespace) -> int:
 
 def cmd_exec_started(args: argparse.Namespace) -> int:
     """``ExecStartPost=`` of an app's service: record the first live release, report what serves."""
-    from .swap import Notifier, report_start
+    from .engine import Notifier
+    from .swap import report_start
 
     app = load(args.config)
     try:
@@ -86,7 +88,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     switches back to the previous colour (during a deploy's bake, or after it)."""
     from . import fleet, releases
     from .bus import Systemd
-    from .swap import Notifier, Refused, _try_lock
+    from .engine import Notifier, Refused, try_lock
 
     app = _app_for(args.name)
     if args.release or app.strategy != "blue-green":
@@ -99,7 +101,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     lock = Path(app.state_dir) / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f, Systemd() as sd:
-        if not _try_lock(f):
+        if not try_lock(f):
             # A deploy is running: ask its bake to switch back, and wait for the reload job to end.
             (Path(app.state_dir) / "rollback-request").write_text("1\n")
             print(f"{app.name}: a deploy is running; asked it to switch back")

@@ -29,8 +29,8 @@ from pathlib import Path
 from . import proc, releases
 from .bus import Systemd
 from .config import AppConfig
+from .engine import Notifier, Refused, exclusive, health, monotonic_usec, preflight, ready_workers, release_of
 from .render import upstream
-from .swap import Notifier, Refused, _health, exclusive, monotonic_usec, preflight, ready_workers, release_of
 
 NGINX = "nginx.service"
 
@@ -121,7 +121,7 @@ class Fleet:
     def check_health(self, instance: str, rounds: int = 3) -> None:
         socket = self.app.instance_socket(instance)
         for _ in range(rounds):
-            status, error = _health(self.app, socket_path=socket)
+            status, error = health(self.app, socket_path=socket)
             if not self.app.health_ok(status):
                 raise Refused(f"{self.app.instance_unit(instance)}: {self.app.health_path} on {socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error}")

@@ -11,11 +11,8 @@ the old one, which was never touched, keeps serving. The helper exits non-zero a
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,74 +21,7 @@ from pathlib import Path
 
 from . import proc, releases, setup_commands
 from .config import AppConfig
-from .loadgen import UnixHTTPConnection, get_status
-
-#: How much more time to ask systemd for whenever we are still making progress.
-EXTEND_USEC = 30_000_000
-
-
-class Refused(Exception):
-    """The reload did not happen (or was rolled back); the old generation is serving."""
-
-
-class Notifier:
-    """sd_notify + a journal line for every state change. A no-op outside systemd."""
-
-    def __init__(self, name: str) -> None:
-        import sdnotify
-
-        self._n = sdnotify.SystemdNotifier()
-        self.name = name
-        self._last_extend = 0.0
-
-    def send(self, text: str) -> None:
-        # sdnotify encodes as latin-1 and silently drops what does not fit (e.g. "→" or a non-ASCII
-        # path): hand it UTF-8 bytes dressed as latin-1 text, which is what systemd expects on the wire.
-        self._n.notify(text.encode("utf-8").decode("latin-1"))
-
-    def status(self, text: str) -> None:
-        print(f"reloader: {self.name}: {text}", file=sys.stderr, flush=True)
-        self.send(f"STATUS={text}")
-
-    def barrier(self, timeout: float = 5.0) -> None:
-        """Wait until systemd has processed what we sent (sd_notify_barrier): a notification from a
-        process that exits right away may otherwise be dropped, as systemd can no longer tell which unit
-        it came from (seen with ExecStartPost=)."""
-        import array
-        import select
-        import socket
-
-        path = os.environ.get("NOTIFY_SOCKET", "")
-        if not path:
-            return
-        address = "\0" + path[1:] if path.startswith("@") else path
-        r, w = os.pipe()
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.sendmsg([b"BARRIER=1"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))],
-                           0, address)
-            os.close(w)
-            w = -1
-            poller = select.poll()
-            poller.register(r, select.POLLHUP)
-            poller.poll(timeout * 1000)  # systemd closes its copy of w once it got here
-        except OSError:
-            pass
-        finally:
-            os.close(r)
-            if w >= 0:
-                os.close(w)
-
-    def extend(self) -> None:
-        """Keep systemd's TimeoutStartSec from expiring while a slow step is still progressing."""
-        now = time.monotonic()
-        if now - self._last_extend > 5:
-            self._last_extend = now
-            self.send(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
-
-
-def monotonic_usec() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+from .engine import Notifier, Refused, exclusive, health, monotonic_usec, preflight, ready_workers, worker_exits
 
 
 class Swap:
@@ -294,7 +224,7 @@ class Swap:
             lost = self._exits(master) - expected_exits
             if lost:
                 raise Refused(f"{len(lost)} new worker(s) died during the bake (e.g. pid {min(lost)})")
-            status, error = _health(self.app)
+            status, error = health(self.app)
             if not self.app.health_ok(status):
                 raise Refused(f"health check {self.app.health_path} through {self.app.socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error} during the bake")
@@ -415,101 +345,6 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
     return 0
 
 
-def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False, release_dir: str = "",
-              python: str = "") -> None:
-    """Import the release and request its health path in a throwaway process; raise Refused if it fails.
-
-    Run by the ExecReload= of the app's own unit it already has the unit's user, environment and sandbox;
-    *as_app_user* drops from root to the app's user first (the blue-green/rolling controller runs as root).
-    *release_dir* / *python*: the release and interpreter the caller resolved (default: the configured ones).
-    """
-    release_dir = release_dir or app.working_directory
-    python = python or app.python
-    n.status(f"pre-flight: importing {app.wsgi} from {os.path.basename(os.path.realpath(release_dir))} and "
-             f"requesting {app.health_path}")
-    script = Path(__file__).with_name("preflight.py")
-    drop = {"user": app.user, "group": app.group, "extra_groups": []} if as_app_user else {}
-    try:
-        p = subprocess.Popen([python, str(script), *preflight_args(app)], cwd=release_dir,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             **drop)
-    except OSError as e:
-        raise Refused(f"cannot run the pre-flight with {python}: {e.strerror}") from None
-    deadline = time.monotonic() + app.preflight_timeout
-    out = err = ""
-    while True:
-        try:
-            out, err = p.communicate(timeout=1)
-            break
-        except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except PermissionError:  # no CAP_KILL: at least the process we started
-                    p.kill()
-                p.communicate()
-                raise Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
-                              "(a hanging import? raise preflight_timeout if the app is just slow)") from None
-            n.extend()
-    result = _last_json(out)
-    if result is None:
-        tail = " ".join(err.strip().splitlines()[-1:]) or f"exit status {p.returncode}"
-        raise Refused(f"pre-flight crashed: {tail}")
-    if not result.get("ok"):
-        raise Refused(str(result.get("error")))
-    n.status(f"pre-flight passed: {app.health_path} answered {result.get('status')}")
-
-
-def preflight_args(app: AppConfig) -> list[str]:
-    """preflight.py's command line: the app, its health path, and how production will call it."""
-    low, high = app.health_status
-    args = [app.wsgi, app.health_path, "--host", app.health_host, "--ok", f"{low}-{high}",
-            "--timeout", str(app.preflight_timeout)]
-    return args + (["--asgi"] if app.asgi else [])
-
-
-def release_of(app: AppConfig) -> str:
-    """The release the working directory points at (the basename of its resolved path)."""
-    return os.path.basename(os.path.realpath(app.working_directory))
-
-
-def ready_workers(ready_dir: Path, master: int) -> set[int]:
-    """Workers of *master* that have loaded the app (marked by the post_worker_init hook) and live."""
-    try:
-        names = os.listdir(ready_dir / str(master))
-    except OSError:
-        return set()
-    pids = {int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()}
-    return {p for p in pids if proc.alive(p) and proc.ppid(p) == master}
-
-
-def worker_exits(ready_dir: Path, master: int) -> set[int]:
-    """Workers of *master* that have exited (recorded by the child_exit hook)."""
-    try:
-        names = os.listdir(ready_dir / str(master))
-    except OSError:
-        return set()
-    return {int(n[5:]) for n in names if n.startswith("exit-") and n[5:].isdigit()}
-
-
-@contextmanager
-def exclusive(path: Path, timeout: float, n: Notifier, what: str) -> Iterator[None]:
-    """Hold an flock on *path*, waiting up to *timeout* (telling systemd we are still alive meanwhile)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        if not proc.wait_for(lambda: _try_lock(f), timeout, interval=0.2, tick=n.extend):
-            raise Refused(f"another {what} of this app is still running")
-        yield
-
-
-def _try_lock(f: object) -> bool:
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
-        return True
-    except BlockingIOError:
-        return False
-
-
 def _is_master(pid: int, app: AppConfig) -> bool:
     """A gunicorn master of this app: it has a ready-dir entry, or is named in one of its pidfiles."""
     if (Path(app.ready_dir) / str(pid) / "master").exists():
@@ -522,24 +357,6 @@ def _read_pid(path: str) -> int:
         return int(Path(path).read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
-
-
-def _last_json(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
-
-
-def _health(app: AppConfig, timeout: float = 5.0, socket_path: str = "") -> tuple[int, str]:
-    """GET the health path through the app's socket: (HTTP status, "") or (0, why there was no answer)."""
-    return get_status(UnixHTTPConnection(socket_path or app.socket, timeout), app.health_path,
-                      {"Host": app.health_host, "User-Agent": "reloader-bake", "X-Forwarded-Proto": "http",
-                       "X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"})
 
 
 def _rmtree(path: Path) -> None:

@@ -75,7 +75,7 @@ def test_health_host_is_the_first_real_server_name(names, host) -> None:
 def test_asgi_worker_classes_are_preflighted_as_asgi(worker) -> None:
     app = load(gunicorn={"worker_class": worker})
     assert app.asgi
-    from reloader.swap import preflight_args
+    from reloader.engine import preflight_args
 
     assert preflight_args(app)[-1] == "--asgi"
     assert "--host" in preflight_args(app) and "flaskapp.example" in preflight_args(app)
