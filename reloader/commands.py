@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import CONFIG_DIR, STATE_DIR, AppConfig, ConfigError, load
+from . import probe, registry
+from .config import STATE_DIR, AppConfig, ConfigError, load
 from .errors import Failed
 from .render import NGINX_DROPIN, RenderedFile, render
 
@@ -90,7 +91,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .bus import Systemd
     from .engine import Notifier, Refused, try_lock
 
-    app = _app_for(args.name)
+    app = registry.app_for(args.name)
     if args.release or app.strategy != "blue-green":
         try:
             target = releases.rollback_target(app, args.release or "")
@@ -126,19 +127,6 @@ def cmd_nginx_reload(args: argparse.Namespace) -> int:
 
 
 # --- install / uninstall ------------------------------------------------------------------------------
-def _manifest_path(name: str) -> Path:
-    return STATE_DIR / f"{name}.json"
-
-
-def _read_manifest(name: str) -> dict:
-    try:
-        return json.loads(_manifest_path(name).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise Failed(f"{_manifest_path(name)}: unreadable manifest ({e})") from None
-
-
 def _write_atomic(path: Path, content: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -270,7 +258,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             return 0
         # The shortcut only for an install that once completed (a failed first install wrote the files but
         # may have left nginx without the site, or the service restarting by itself).
-        verified = bool(_read_manifest(app.name).get("verified"))
+        verified = bool(registry.read_manifest(app.name).get("verified"))
         if not changed and service.running and verified:
             print(f"{app.name}: already installed and running; nothing changed")
             if not app.multi_instance:
@@ -302,7 +290,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                     "files": {f.install_path: hashlib.sha256(f.content.encode()).hexdigest() for f in files},
                     "units": units}
         manifest["state_dir"] = app.state_dir  # the records (single master) or the instances' pins
-        _write_atomic(_manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
+        _write_atomic(registry.manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
         sd.enable(units)  # before daemon-reload, so systemd loads the units with their new symlinks
         sd.daemon_reload()
         timeout = app.preflight_timeout + max(1, len(app.instance_names)) * (app.ready_timeout + app.graceful_timeout
@@ -341,7 +329,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         if not app.multi_instance:
             _check_environment(app, sd.state(app.service).main_pid)
     _check_through_nginx(app, nginx.load_state == "loaded", "installed")
-    _write_atomic(_manifest_path(app.name), json.dumps({**manifest, "verified": time.time()}, indent=2) + "\n")
+    _write_atomic(registry.manifest_path(app.name), json.dumps({**manifest, "verified": time.time()}, indent=2) + "\n")
     return 0
 
 
@@ -434,24 +422,22 @@ def _job_ok(sd: object, unit: str, result: str, verb: str) -> None:
 
 def _http_status(app: AppConfig) -> int:
     """The health path's status through the app's nginx site (0 when nothing answered)."""
-    from .verify import _probe, target_of
-
-    host_port, _ = target_of(app.nginx.listen[0], app.nginx.server_name)
-    return _probe(f"http://{host_port}{app.health_path}", {"Host": app.health_host}, 10)[0]
+    host_port, _ = probe.target_of(app.nginx.listen[0], app.nginx.server_name)
+    return probe.url_status(f"http://{host_port}{app.health_path}", {"Host": app.health_host}, 10)[0]
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from .bus import Systemd
 
-    manifest = _read_manifest(args.name)
+    manifest = registry.read_manifest(args.name)
     if not manifest:
-        raise Failed(f"{args.name} is not managed by reloader (no {_manifest_path(args.name)})")
+        raise Failed(f"{args.name} is not managed by reloader (no {registry.manifest_path(args.name)})")
     if os.geteuid() != 0:
         raise Failed("uninstall removes files from /etc and manages system units: run it as root (sudo)")
     shared_elsewhere = set()
-    for other in STATE_DIR.glob("*.json"):
-        if other.stem != args.name:
-            shared_elsewhere |= set(_read_manifest(other.stem).get("files", {}))
+    for other, recorded in registry.manifests().items():
+        if other != args.name:
+            shared_elsewhere |= set(recorded.get("files", {}))
     with Systemd() as sd:
         units = manifest.get("units", [])
         for unit in units:
@@ -467,7 +453,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         dropin_dir = Path(NGINX_DROPIN).parent
         if dropin_dir.is_dir() and not any(dropin_dir.iterdir()):
             dropin_dir.rmdir()
-        _manifest_path(args.name).unlink()
+        registry.manifest_path(args.name).unlink()
         sd.daemon_reload()
         nginx = sd.state("nginx.service")
         if nginx.running:
@@ -477,18 +463,11 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 # --- deploy / status ------------------------------------------------------------------------------------
-def _app_for(name: str) -> AppConfig:
-    path = CONFIG_DIR / f"{name}.toml"
-    if not path.exists():
-        raise Failed(f"{name} is not managed by reloader (no {path}); install it with `reloader install`")
-    return load(path)
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Reload NAME; with --release DIR, point current at DIR first and put it back if DIR is refused."""
     from . import releases
 
-    app = _app_for(args.name)
+    app = registry.app_for(args.name)
     if not getattr(args, "release", None):
         return _deploy(app, args)
     try:
@@ -566,7 +545,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
     """Every release directory of NAME with its state: live, previous, refused (why, when), never tried."""
     from . import releases
 
-    app = _app_for(args.name)
+    app = registry.app_for(args.name)
     rows = releases.listing(app)
     # Blue-green/rolling: which instances each release is pinned on (a stopped colour keeps its pin).
     pins: dict[str, list[str]] = {}
@@ -596,19 +575,15 @@ def cmd_releases(args: argparse.Namespace) -> int:
     return 0
 
 
-def _managed() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from . import proc
     from .bus import Systemd
 
-    names = [args.name] if args.name else _managed()
+    names = [args.name] if args.name else registry.managed()
     rows = []
     with Systemd() as sd:
         for name in names:
-            app = _app_for(name)
+            app = registry.app_for(name)
             st = sd.state(app.service)
             sock = sd.state(app.socket_unit) if app.socket_activation and not app.multi_instance else None
             row = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import proc
 from .config import AppConfig
-from .loadgen import UnixHTTPConnection, get_status
+from .probe import UnixHTTPConnection, get_status
 
 #: How much more time to ask systemd for whenever we are still making progress.
 EXTEND_USEC = 30_000_000

@@ -9,7 +9,7 @@ request when a *reused idle* keep-alive connection turns out to have been closed
 response byte arrived -- and even that is counted in its own, always reported ``keepalive_retries``
 counter (or, with ``strict_keepalive``, counted as a failure).
 
-It deliberately imports nothing but the standard library and nothing from the ``reloader`` package, so
+It deliberately imports nothing but the standard library and :mod:`reloader.probe` (stdlib-only too), so
 ``python3 -m reloader.loadgen`` runs inside minimal containers with only Debian's ``python3``, even when
 the rest of the package cannot be imported.
 
@@ -35,6 +35,8 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .probe import CountingSocket, UnixHTTPConnection
 
 __all__ = [
     "HARD_MAX_DURATION",
@@ -121,27 +123,6 @@ def parse_target(url: str) -> Target:
     return Target(path=path, host=parts.hostname, port=port)
 
 
-class CountingSocket(socket.socket):
-    """A socket that counts received bytes.
-
-    Why: a keep-alive failure may only be treated as "transparently retryable" when it happened *before
-    any response byte* arrived.  ``http.client`` reads through ``makefile()``, which calls ``recv_into``,
-    so counting there tells us exactly whether the server said anything at all.
-    """
-
-    bytes_received: int = 0
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        n = super().recv_into(buffer, nbytes, flags)
-        self.bytes_received += n
-        return n
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = super().recv(bufsize, flags)
-        self.bytes_received += len(data)
-        return data
-
-
 class _CountingHTTPConnection(http.client.HTTPConnection):
     """TCP ``HTTPConnection`` whose socket is a :class:`CountingSocket`."""
 
@@ -152,37 +133,6 @@ class _CountingHTTPConnection(http.client.HTTPConnection):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``HTTPConnection`` over a unix stream socket (e.g. gunicorn's ``--bind unix:...``)."""
-
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = CountingSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def get_status(conn: http.client.HTTPConnection, path: str, headers: dict[str, str]) -> tuple[int, str]:
-    """One GET on *conn*, which it closes: ``(HTTP status, "")``, or ``(0, why there was no answer)``."""
-    try:
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        return response.status, ""
-    except (OSError, http.client.HTTPException) as e:
-        return 0, f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
 
 
 def _make_connection(target: Target, timeout: float) -> http.client.HTTPConnection:

@@ -24,32 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Failed
-from .loadgen import LatencySummary, LoadConfig, LoadGenerator, Record, Report, get_status
+from .loadgen import LatencySummary, LoadConfig, LoadGenerator, Record, Report
+from .probe import target_of, url_status
 
 #: Requests that start within this many seconds of the load starting are not part of the baseline
 #: (connection set-up, nginx upstream keep-alive warm-up).
 WARMUP = 0.5
-
-
-# --- where to send the load -----------------------------------------------------------------------------
-def target_of(listen: str, server_names: tuple[str, ...]) -> tuple[str, str | None]:
-    """``(host:port, Host header or None)`` for nginx ``listen`` entry *listen* as seen from this host."""
-    if listen.startswith("["):
-        addr, _, port = listen[1:].partition("]:")
-        host_port = f"[::1]:{port}" if addr in ("::", "0:0:0:0:0:0:0:0") else f"[{addr}]:{port}"
-    elif ":" in listen:
-        addr, _, port = listen.rpartition(":")
-        host_port = f"127.0.0.1:{port}" if addr == "0.0.0.0" else f"{addr}:{port}"
-    else:
-        host_port = f"127.0.0.1:{listen}"
-    name = server_names[0] if server_names else "_"
-    if name == "_" or not name:
-        return host_port, None
-    if name.startswith("*."):
-        name = "verify" + name[1:]
-    if name.endswith(".*"):
-        name = name[:-2] + ".invalid"
-    return host_port, name
 
 
 # --- results --------------------------------------------------------------------------------------------
@@ -223,27 +203,17 @@ def _sleep_with_progress(seconds: float, progress: Progress) -> None:
         progress.tick()
 
 
-def _probe(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
-    import http.client
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return get_status(conn, path, headers)
-
-
 def run_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from . import registry
     from .bus import Systemd
-    from .commands import _app_for
 
-    app = _app_for(args.name)
+    app = registry.app_for(args.name)
     host_port, host = target_of(app.nginx.listen[0], app.nginx.server_name)
     path = args.path or app.health_path
     long_path = args.long_path or app.health_path
     url = f"http://{host_port}{path}"
     headers = {"Host": host} if host else {}
-    status, why = _probe(url, headers, args.timeout)
+    status, why = url_status(url, headers, args.timeout)
     if not 200 <= status < 400:
         raise Failed(f"{app.name}: {url} (Host {host or '-'}) answered "
                      f"{status if status else why} before any reload; fix the app first")
@@ -370,4 +340,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_verify)
 
 
-__all__ = ["add_parser", "analyse", "cmd_verify", "target_of"]
+__all__ = ["add_parser", "analyse", "cmd_verify"]

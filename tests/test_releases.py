@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_config import cfg, rejected
 
-from reloader import commands, config, releases
+from reloader import commands, config, registry, releases
 from reloader.config import ConfigError, parse
 
 
@@ -140,7 +140,7 @@ def test_rolling_rollback_and_releases_read_the_same_records(layout, monkeypatch
     was never live; `releases --json` lists the records' states and the instances each release is pinned on."""
     single, root = layout
     app = parse(cfg({"working_directory": single.working_directory}, reload={"strategy": "rolling", "instances": 3}))
-    monkeypatch.setattr(commands, "_app_for", lambda name: app)
+    monkeypatch.setattr(registry, "app_for", lambda name: app)
     with pytest.raises(ConfigError, match=r"^rollback: no previous release recorded"):
         commands.cmd_rollback(argparse.Namespace(name=app.name, release=""))
     releases.record_live(app, releases.Release(str(root / "1")))

@@ -10,7 +10,8 @@ import json
 from appbed import App
 
 from reloader.loadgen import LatencySummary, Record, Report, RequestStats
-from reloader.verify import ReloadResult, analyse, target_of
+from reloader.probe import target_of
+from reloader.verify import ReloadResult, analyse
 
 
 def test_target_of_listen_and_server_name() -> None:
