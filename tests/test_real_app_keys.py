@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from reloader import commands, config, setup_commands
+from reloader import config, install, setup_commands
 from reloader.config import ConfigError, parse
 from reloader.render import render
 
@@ -284,12 +284,12 @@ def test_install_refuses_a_helper_that_is_not_executable_and_missing_writable_pa
     helper = tmp_path / "reloader"
     helper.write_text("#!/bin/sh\n")
     app = load(reload={"helper": str(helper)}, app={"read_write_paths": [str(tmp_path / "missing"), str(tmp_path)]})
-    problems = commands.preinstall_problems(app)
+    problems = install.preinstall_problems(app)
     assert len(problems) == 2, problems
     assert problems[0].startswith(f"{SRC}: [reload] helper: {helper} is not executable")
     assert f"{tmp_path / 'missing'} does not exist" in problems[1]
     helper.chmod(helper.stat().st_mode | stat.S_IXUSR)
-    assert commands.preinstall_problems(load(reload={"helper": str(helper)})) == []
+    assert install.preinstall_problems(load(reload={"helper": str(helper)})) == []
 
 
 def test_default_helper_is_the_running_reloader_script_without_the_deb(tmp_path, monkeypatch) -> None:
@@ -312,13 +312,13 @@ def test_a_change_of_writable_paths_or_user_needs_a_restart(tmp_path) -> None:
     old = planned(load())
     for f in old:
         Path(f.install_path).write_text(f.content)
-    assert commands.restart_only_changes(load(), old) == []
+    assert install.restart_only_changes(load(), old) == []
     changed = load(app={"state_directory": "flaskapp", "user": "web"})
-    assert commands.restart_only_changes(changed, planned(changed)) == [
+    assert install.restart_only_changes(changed, planned(changed)) == [
         "flaskapp.service: Group=", "flaskapp.service: StateDirectory=", "flaskapp.service: User=",
         "flaskapp.socket: SocketUser="]
     absent = load(app={"name": "other"})
-    assert commands.restart_only_changes(absent, planned(absent)) == []
+    assert install.restart_only_changes(absent, planned(absent)) == []
 
 
 @pytest.mark.parametrize("keepalive,line", [(None, "keepalive_timeout 1000ms;"), (5, "keepalive_timeout 4000ms;"),
