@@ -6,15 +6,16 @@ Exit codes: 0 ok, 1 the operation failed, 2 usage or config error.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
+from . import __version__, nginx
 from .config import AppConfig, ConfigError, load
 from .errors import Failed
+from .run import run
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,8 +51,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         units = [str(Path(tmp) / f.name) for f in files if f.name.endswith((".service", ".socket"))]
         if shutil.which("systemd-analyze"):
             # verify resolves ExecStart= binaries: missing ones are real problems on the target host only.
-            r = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
-                               capture_output=True, text=True, check=False)
+            r = run(["systemd-analyze", "verify", "--man=no", *units], check=False)
             for line in (r.stdout + r.stderr).splitlines():
                 if line.strip():
                     problems.append(f"systemd-analyze: {line.strip()}")
@@ -66,7 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 # Test against the rendered upstream include, not whatever is (or isn't) installed.
                 site_path.write_text(site.content.replace(app.upstream_path,
                                                           str(Path(tmp) / f"{app.name}.upstream.conf")))
-            problems.extend(_nginx_test_site(site_path))
+            problems.extend(f"nginx -t: {line}" for line in nginx.test_site(site_path))
         else:
             print("check: nginx not found; nginx site not tested", file=sys.stderr)
     problems.extend(_check_virtualenv(app))
@@ -91,35 +91,14 @@ def _check_virtualenv(app: AppConfig) -> list[str]:
             "config_file": app.gunicorn_config_file, "owned": OWNED_SETTINGS}
     script = Path(__file__).with_name("venv_check.py")
     try:
-        r = subprocess.run([app.python, str(script), json.dumps(spec)], capture_output=True, text=True,
-                           timeout=120, check=False, cwd="/")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return [f"cannot run {app.python}: {e}"]
+        r = run([app.python, str(script), json.dumps(spec)], check=False, timeout=120, cwd="/",
+                what="the virtualenv check")
+    except Failed as e:
+        return [str(e)]
     found = [line for line in r.stdout.splitlines() if line.strip()]
     if r.returncode != 0 and not found:
         found = [f"{app.python} failed checking the worker class: {(r.stderr.strip().splitlines() or ['?'])[-1]}"]
     return found
-
-
-def _nginx_test_site(site: Path) -> list[str]:
-    """``nginx -t`` a minimal main config that includes only *site*, so other sites can't mask errors."""
-    conf = site.parent / "nginx-test.conf"
-    conf.write_text(
-        "pid " + str(site.parent / "nginx.pid") + ";\n"
-        "error_log stderr;\n"
-        "events {}\n"
-        "http {\n"
-        "  include /etc/nginx/mime.types;\n"
-        f"  include {site};\n"
-        "}\n"
-    )
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    r = subprocess.run([nginx, "-t", "-q", "-c", str(conf)], capture_output=True, text=True, check=False)
-    if r.returncode == 0:
-        return []
-    return [f"nginx -t: {line}" for line in r.stderr.splitlines() if "[emerg]" in line or "[error]" in line] or [
-        f"nginx -t failed: {r.stderr.strip()}"
-    ]
 
 
 # --- parser ----------------------------------------------------------------------------------------------
@@ -129,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-downtime, verified `systemctl reload` for Gunicorn apps behind nginx under systemd.",
     )
     parser.add_argument("--version", action="version", version=f"reloader {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every command reloader runs (stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("render", help="render the units, gunicorn config and nginx site of CONFIG")
@@ -152,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="reloader: %(message)s")
     try:
         return args.func(args)
     except ConfigError as e:

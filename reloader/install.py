@@ -17,7 +17,6 @@ import json
 import os
 import pwd
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from .bus import Systemd
 from .config import STATE_DIR, AppConfig, ConfigError, load
 from .errors import Failed
 from .render import NGINX_DROPIN, RenderedFile, render
+from .run import run
 
 #: Oldest systemd reloader is known to work with (Debian 11's; 252 and 257 are tested).
 MIN_SYSTEMD = 247
@@ -75,9 +75,7 @@ def _ensure_user(app: AppConfig) -> bool:
     cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
            "--shell", "/usr/sbin/nologin", "--user-group" if app.group == app.user else f"--gid={app.group}",
            app.user]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise Failed(f"cannot create user {app.user!r}: {r.stderr.strip()}")
+    run(cmd, what=f"creating the user {app.user!r} (useradd)")
     return True
 
 
@@ -110,9 +108,12 @@ def _run_setup_unit(sd: object, app: AppConfig) -> None:
     result = sd.start_unit(app.setup_unit, timeout=app.setup.timeout + 60)  # type: ignore[attr-defined]
     st = sd.state(app.setup_unit)  # type: ignore[attr-defined]
     if result != "done" or st.active_state == "failed":
-        r = subprocess.run(["journalctl", "-u", app.setup_unit, "-n", "3", "-o", "cat", "--no-pager"],
-                           capture_output=True, text=True, check=False)
-        tail = " | ".join(line.strip() for line in r.stdout.splitlines() if line.strip())
+        try:
+            journal = run(["journalctl", "-u", app.setup_unit, "-n", "3", "-o", "cat", "--no-pager"],
+                          check=False).stdout
+        except Failed:  # no journalctl: the message below says where to look
+            journal = ""
+        tail = " | ".join(line.strip() for line in journal.splitlines() if line.strip())
         raise Failed(f"{app.name}: setup commands failed ({app.setup_unit}: job {result}); {app.service} not "
                      f"started: {tail or 'see journalctl -u ' + app.setup_unit}")
 

@@ -8,21 +8,50 @@ then HUPs the master and returns only when new workers are up and the old ones h
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import subprocess
 import sys
+from pathlib import Path
 
 from . import proc
 from .errors import Failed
+from .run import run
 
 NGINX = "/usr/sbin/nginx"
 
 
+def problems(conf: str = "", nginx: str = NGINX) -> list[str]:
+    """``nginx -t`` of the running configuration (or of the main config file *conf*): what is wrong with it,
+    one line each, nginx's own words; empty when it passes. The only place nginx -t's output is read."""
+    r = run([nginx, "-t", "-q", *(["-c", conf] if conf else [])], check=False, what="nginx -t")
+    if r.returncode == 0:
+        return []
+    lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
+    return [ln for ln in lines if "[emerg]" in ln or "[error]" in ln or "[crit]" in ln] or lines or [
+        f"exit status {r.returncode}"]
+
+
 def test_config(nginx: str = NGINX) -> None:
-    r = subprocess.run([nginx, "-t", "-q"], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        lines = [ln for ln in r.stderr.splitlines() if "[emerg]" in ln or "[error]" in ln or "[crit]" in ln]
-        raise Failed(f"nginx -t failed, nginx left untouched: {(lines or r.stderr.splitlines() or ['?'])[0]}")
+    """The running configuration passes ``nginx -t``, or :class:`Failed` with nginx's first complaint."""
+    found = problems(nginx=nginx)
+    if found:
+        raise Failed(f"nginx -t failed, nginx left untouched: {found[0]}")
+
+
+def test_site(site: Path) -> list[str]:
+    """``nginx -t`` a minimal main config that includes only *site*, so other sites can't mask errors
+    (``reloader check`` on a host whose nginx may not even have the app's site)."""
+    conf = site.parent / "nginx-test.conf"
+    conf.write_text(
+        "pid " + str(site.parent / "nginx.pid") + ";\n"
+        "error_log stderr;\n"
+        "events {}\n"
+        "http {\n"
+        "  include /etc/nginx/mime.types;\n"
+        f"  include {site};\n"
+        "}\n"
+    )
+    return problems(str(conf), shutil.which("nginx") or NGINX)
 
 
 def reload(master: int, *, timeout: float = 60, nginx: str = NGINX) -> tuple[int, int]:
