@@ -19,6 +19,15 @@ from .errors import Failed
 
 #: Long enough for a daemon-reload on a busy host (pystemd's sd-bus default is 25 s).
 DEFAULT_BUS_TIMEOUT = 120
+#: How much longer than a unit's TimeoutStartSec= a client waits for its job (see :func:`client_wait`).
+VERDICT_SLACK = 30
+
+
+def client_wait(budget: float) -> float:
+    """How long a command waits for the job of a unit that may take *budget* seconds (its TimeoutStartSec=,
+    AppConfig.reload_budget): longer than the unit itself, so that when the reload overruns, systemd stops it
+    and the command reports systemd's verdict instead of giving up on a reload that carries on."""
+    return budget + VERDICT_SLACK
 
 
 def _s(value: Any) -> Any:

@@ -80,7 +80,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     (blue-green: onto the idle colour; rolling: across the instances). Blue-green without RELEASE instead
     switches back to the previous colour (during a deploy's bake, or after it)."""
     from . import fleet, releases
-    from .bus import Systemd
+    from .bus import Systemd, client_wait
     from .engine import Notifier, Refused, try_lock
 
     app = registry.app_for(args.name)
@@ -98,7 +98,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             # A deploy is running: ask its bake to switch back, and wait for the reload job to end.
             (Path(app.state_dir) / "rollback-request").write_text("1\n")
             print(f"{app.name}: a deploy is running; asked it to switch back")
-            deadline = time.monotonic() + app.ready_timeout + app.graceful_timeout + 60
+            deadline = time.monotonic() + client_wait(app.reload_budget)
             while sd.state(app.service).active_state == "reloading" and time.monotonic() < deadline:
                 time.sleep(0.2)
             st = sd.state(app.service)
@@ -167,9 +167,10 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
     where it was if the reload refuses it (the operator's pointer never names a refused release).
     After a successful deploy of a release, keep_releases prunes the oldest release directories."""
     from . import releases
-    from .bus import Systemd
+    from .bus import Systemd, client_wait
 
     tty = sys.stderr.isatty()
+    wait = client_wait(app.reload_budget)
     with Systemd() as sd:
         before = sd.state(app.service)
         if before.load_state == "masked":
@@ -178,7 +179,6 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
             raise Failed(f"{app.service} is not loaded ({before.load_state}); run `reloader install`")
         if before.active_state != "active":
             raise Failed(f"{app.service} is {before.active_state}, not running: start it instead of deploying")
-        timeout = args.timeout or (app.ready_timeout + app.preflight_timeout + app.graceful_timeout + 60)
         pointed_before = ""
         if target:
             try:
@@ -196,18 +196,18 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
                 print(f"{app.name}: still reloading after {elapsed:.0f} s", file=sys.stderr, flush=True)
 
         started = time.monotonic()
-        result = sd.reload_unit(app.service, timeout=timeout, progress=progress)
+        result = sd.reload_unit(app.service, timeout=args.timeout or wait, progress=progress)
         took = time.monotonic() - started
         if tty:
             print("\r\033[K", end="", file=sys.stderr)
         after = sd.state(app.service)
-    ok = result == "done" and after.running and after.reload_result in ("success", "")
-    notes = []
-    if target and not ok:
-        releases.point_current(app, pointed_before)
-        notes.append(f"current put back to {pointed_before}")
-    if target and ok and not app.multi_instance:
-        notes += [f"pruned {path}" for path in releases.prune(app, app.keep_releases)]
+        ok = result == "done" and after.running and after.reload_result in ("success", "")
+        notes = []
+        if target and not ok:
+            releases.point_current(app, pointed_before)
+            notes.append(f"current put back to {pointed_before}")
+        if target and ok and not app.multi_instance:
+            notes += [f"pruned {path}" for path in releases.prune(app, app.keep_releases)]
     report = {
         "unit": app.service, "result": "success" if ok else "failed", "job": result,
         "reload_result": after.reload_result, "active_state": after.active_state, "sub_state": after.sub_state,
@@ -364,7 +364,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     for alias in ("deploy", "reload"):
         p = sub.add_parser(alias, help="reload NAME over D-Bus and report whether the new release is serving")
         p.add_argument("name", metavar="NAME")
-        p.add_argument("--timeout", type=float, default=0, help="seconds to wait for the reload job")
+        p.add_argument("--timeout", type=float, default=0, help="seconds to wait for the reload job (default: "
+                       "the app's TimeoutStartSec= + 30, so the command reports systemd's verdict)")
         p.add_argument("--json", action="store_true")
         p.add_argument("--release", metavar="DIR", help="point current at DIR (a directory in the releases root) "
                        "and deploy it; current is put back if DIR is refused")

@@ -9,6 +9,7 @@ the file, the key and the fix, rather than escaped in a way a reader could misju
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import sys
@@ -259,6 +260,17 @@ class AppConfig:
     def health_ok(self, status: int) -> bool:
         low, high = self.health_status
         return low <= status <= high
+
+    @property
+    def reload_budget(self) -> int:
+        """Seconds one reload (or start) may take: each step's own timeout added up, per instance started
+        (rolling: every instance in turn). The units' TimeoutStartSec= and every client's wait for the job
+        (deploy, verify, install, rollback) use this one number, so a long bake_seconds or many instances
+        can never make a command give up on a reload that is still running."""
+        setup = self.setup.timeout if self.setup.commands else 0
+        per_instance = self.ready_timeout + self.graceful_timeout + (60 if self.multi_instance else 30)
+        return (self.preflight_timeout + setup + math.ceil(self.bake_seconds)
+                + max(1, len(self.instance_names)) * per_instance)
 
     @property
     def setup_unit(self) -> str:

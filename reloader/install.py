@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import probe, registry
-from .bus import Systemd
+from .bus import Systemd, client_wait
 from .config import STATE_DIR, AppConfig, ConfigError, load
 from .errors import Failed
 from .render import NGINX_DROPIN, RenderedFile, render
@@ -127,6 +127,12 @@ def install(config: str, *, dry_run: bool = False, allow_restart: bool = False, 
         raise ConfigError("; ".join(problems))
     if os.geteuid() != 0 and not dry_run:
         raise Failed("install writes /etc and manages system units: run it as root (sudo)")
+    return _install(app, config, config_text, dry_run=dry_run, allow_restart=allow_restart,
+                    notify_reload=notify_reload)
+
+
+def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, allow_restart: bool,
+             notify_reload: bool) -> int:
     with Systemd() as sd:
         if sd.version < MIN_SYSTEMD:
             raise Failed(f"systemd {sd.version} is too old: reloader needs {MIN_SYSTEMD} or newer "
@@ -181,8 +187,7 @@ def install(config: str, *, dry_run: bool = False, allow_restart: bool = False, 
         _write_atomic(registry.manifest_path(app.name), json.dumps(manifest, indent=2) + "\n")
         sd.enable(units)  # before daemon-reload, so systemd loads the units with their new symlinks
         sd.daemon_reload()
-        timeout = app.preflight_timeout + max(1, len(app.instance_names)) * (app.ready_timeout + app.graceful_timeout
-                                                                            + 60)
+        timeout = client_wait(app.reload_budget)
         if app.socket_activation and not app.multi_instance:
             _job_ok(sd, app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
         if app.setup.commands and not service.running:

@@ -205,7 +205,7 @@ def _sleep_with_progress(seconds: float, progress: Progress) -> None:
 
 def run_verify(args: argparse.Namespace) -> dict[str, Any]:
     from . import registry
-    from .bus import Systemd
+    from .bus import Systemd, client_wait
 
     app = registry.app_for(args.name)
     host_port, host = target_of(app.nginx.listen[0], app.nginx.server_name)
@@ -217,7 +217,7 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
     if not 200 <= status < 400:
         raise Failed(f"{app.name}: {url} (Host {host or '-'}) answered "
                      f"{status if status else why} before any reload; fix the app first")
-    timeout = app.ready_timeout + app.preflight_timeout + app.graceful_timeout + 60
+    timeout = client_wait(app.reload_budget)
     config = LoadConfig(url=url, concurrency=args.concurrency, keepalive_fraction=0.5,
                         timeout=args.timeout, long_requests=args.long, long_path=long_path, headers=headers,
                         strict_keepalive=args.strict_keepalive,
