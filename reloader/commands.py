@@ -165,13 +165,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
     """The reload job over D-Bus; with *target*, current points at it for the reload and is put back
     where it was if the reload refuses it (the operator's pointer never names a refused release).
-    After a successful deploy of a release, keep_releases prunes the oldest release directories."""
+    After a successful deploy of a release, keep_releases prunes the oldest release directories.
+    Under the app's operator lock: not while an install rewrites its units, nor next to another deploy."""
     from . import releases
     from .bus import Systemd, client_wait
 
     tty = sys.stderr.isatty()
     wait = client_wait(app.reload_budget)
-    with Systemd() as sd:
+    with registry.operator_lock(app, "deploy", wait), Systemd() as sd:
         before = sd.state(app.service)
         if before.load_state == "masked":
             raise Failed(f"{app.service} is masked; `systemctl unmask {app.service}` first")

@@ -127,8 +127,17 @@ def install(config: str, *, dry_run: bool = False, allow_restart: bool = False, 
         raise ConfigError("; ".join(problems))
     if os.geteuid() != 0 and not dry_run:
         raise Failed("install writes /etc and manages system units: run it as root (sudo)")
-    return _install(app, config, config_text, dry_run=dry_run, allow_restart=allow_restart,
-                    notify_reload=notify_reload)
+    if dry_run:
+        return _install(app, config, config_text, dry_run=True, allow_restart=False, notify_reload=notify_reload)
+    # One install or deploy of the app at a time: a deploy still running may be baking for the installed
+    # config's bake_seconds, so wait as long as the longer of the two budgets.
+    try:
+        installed = registry.app_for(app.name).reload_budget
+    except (Failed, ConfigError):
+        installed = 0
+    with registry.operator_lock(app, "install", client_wait(max(app.reload_budget, installed))):
+        return _install(app, config, config_text, dry_run=False, allow_restart=allow_restart,
+                        notify_reload=notify_reload)
 
 
 def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, allow_restart: bool,

@@ -67,9 +67,14 @@ def operator_lock(app: AppConfig, command: str, timeout: float) -> Iterator[None
     The reload engines' own locks serialize reloads; this one keeps an ``install`` from rewriting the units
     and the gunicorn config, or choosing reload versus restart, while a ``deploy`` of the same app is running
     (and the other way round). It waits up to *timeout* for the other command, saying once who holds it."""
-    LOCK_DIR.mkdir(parents=True, exist_ok=True)
     path = LOCK_DIR / f"{app.name}.lock"
-    with open(path, "a+") as f:
+    try:
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")  # noqa: SIM115 (closed below; the try only covers opening it)
+    except PermissionError:
+        raise Failed(f"{app.name}: cannot take the lock {path} (permission denied): `reloader {command}` "
+                     "manages system units, run it as root (sudo)") from None
+    with f:
         if not try_lock(f):
             f.seek(0)
             holder = f.read().strip() or "another process"

@@ -223,7 +223,7 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
                         strict_keepalive=args.strict_keepalive,
                         max_duration=min(3600.0, args.duration + args.reloads * (timeout + args.gap) + 60))
     reloads: list[ReloadResult] = []
-    with Systemd() as sd:
+    with registry.operator_lock(app, "verify", timeout), Systemd() as sd:
         before = sd.state(app.service)
         if before.load_state != "loaded" or before.active_state != "active":
             raise Failed(f"{app.service} is {before.load_state}/{before.active_state}: verify needs it running")
