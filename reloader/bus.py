@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +39,9 @@ class UnitState:
     load_state: str
     active_state: str
     sub_state: str
-    unit_file_state: str = ""
     main_pid: int = 0
     status_text: str = ""
-    result: str = ""
     reload_result: str = ""
-    exec_main_start_us: int = 0
-    active_enter_us: int = 0
-    fragment_path: str = ""
 
     @property
     def running(self) -> bool:
@@ -84,7 +78,7 @@ class Systemd:
             return
         results = self._job_results
 
-        def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+        def on_job_removed(msg: Any, _error: Any = None, _userdata: Any = None) -> None:
             msg.process_reply(True)
             _id, path, _unit, result = msg.body
             results[path if isinstance(path, bytes) else str(path).encode()] = _s(result)
@@ -137,14 +131,9 @@ class Systemd:
             load_state=_s(u.LoadState),
             active_state=_s(u.ActiveState),
             sub_state=_s(u.SubState),
-            unit_file_state=_s(u.UnitFileState),
             main_pid=int(unit.Service.MainPID) if service else 0,
             status_text=_s(unit.Service.StatusText) if service else "",
-            result=_s(unit.Service.Result) if service else "",
             reload_result=_reload_result(unit) if service else "",
-            exec_main_start_us=int(unit.Service.ExecMainStartTimestamp) if service else 0,
-            active_enter_us=int(u.ActiveEnterTimestamp),
-            fragment_path=_s(u.FragmentPath),
         )
 
     def main_pid(self, name: str) -> int:
@@ -237,11 +226,3 @@ def _why(e: Exception) -> str:
         return "the unit is masked (systemctl unmask it first)"
     return text.strip() or type(e).__name__
 
-
-@contextmanager
-def connect(timeout: float = DEFAULT_BUS_TIMEOUT) -> Iterator[Systemd]:
-    sd = Systemd(timeout)
-    try:
-        yield sd
-    finally:
-        sd.close()

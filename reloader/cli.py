@@ -20,15 +20,11 @@ from .run import run
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _load(path: str) -> AppConfig:
-    return load(path)
-
-
 # --- render / check ------------------------------------------------------------------------------------
 def cmd_render(args: argparse.Namespace) -> int:
     from .render import render, write_tree
 
-    app = _load(args.config)
+    app = load(args.config)
     files = render(app, notify_reload=args.notify_reload)
     if args.output is None:
         for f in files:
@@ -43,7 +39,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .render import render, write_tree
 
-    app = _load(args.config)
+    app = load(args.config)
     files = render(app)
     problems = []
     with tempfile.TemporaryDirectory(prefix="reloader-check-") as tmp:

@@ -112,7 +112,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_nginx_reload(args: argparse.Namespace) -> int:
+def cmd_nginx_reload(_args: argparse.Namespace) -> int:
     from . import nginx
 
     return nginx.exec_reload()

@@ -66,17 +66,16 @@ def _diff(path: str, new: str) -> list[str]:
                                      lineterm=""))
 
 
-def _ensure_user(app: AppConfig) -> bool:
+def _ensure_user(app: AppConfig) -> None:
     try:
         pwd.getpwnam(app.user)
-        return False
+        return
     except KeyError:
         pass
     cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
            "--shell", "/usr/sbin/nologin", "--user-group" if app.group == app.user else f"--gid={app.group}",
            app.user]
     run(cmd, what=f"creating the user {app.user!r} (useradd)")
-    return True
 
 
 def _ensure_state_dir(app: AppConfig) -> None:
@@ -166,7 +165,8 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
             print(f"{app.name}: already installed and running; nothing changed")
             if not app.multi_instance:
                 _check_environment(app, service.main_pid)
-            return _check_through_nginx(app, sd.state("nginx.service").load_state == "loaded")
+            _check_through_nginx(app, sd.state("nginx.service").load_state == "loaded")
+            return 0
         # A reload starts the new master from the old one: it keeps the old unit's user, sandbox (mount
         # namespace) and sockets; only the environment and the gunicorn config reach it. Anything else
         # needs a restart: refuse before writing anything unless asked to restart.
@@ -198,7 +198,7 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
         sd.daemon_reload()
         timeout = client_wait(app.reload_budget)
         if app.socket_activation and not app.multi_instance:
-            _job_ok(sd, app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
+            _job_ok(app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
         if app.setup.commands and not service.running:
             _run_setup_unit(sd, app)
         if restart:
@@ -206,23 +206,23 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
             if app.setup.commands:
                 _run_setup_unit(sd, app)
             for unit in restart_units:
-                _job_ok(sd, unit, sd.restart_unit(unit, timeout=timeout), "restart")
+                _job_ok(unit, sd.restart_unit(unit, timeout=timeout), "restart")
         elif service.running:
             print(f"{app.name}: reloading the running service")
-            _job_ok(sd, app.service, sd.reload_unit(app.service, timeout=timeout), "reload")
+            _job_ok(app.service, sd.reload_unit(app.service, timeout=timeout), "reload")
         else:
-            _job_ok(sd, app.service, sd.start_unit(app.service, timeout=timeout), "start")
+            _job_ok(app.service, sd.start_unit(app.service, timeout=timeout), "start")
         nginx = sd.state("nginx.service")
         # An nginx reload closes idle client keep-alive connections: only when nginx's files changed (or a
         # previous install never completed), not for a change of the app alone.
         nginx_changed = not verified or any(p.startswith("/etc/nginx/") or "/nginx.service.d/" in p for p in changed)
         if nginx.load_state == "loaded":
             if nginx.running and nginx_changed:
-                _job_ok(sd, "nginx.service", sd.reload_unit("nginx.service", timeout=120), "reload")
+                _job_ok("nginx.service", sd.reload_unit("nginx.service", timeout=120), "reload")
             elif nginx.running:
                 print(f"{app.name}: nginx's files are unchanged; nginx not reloaded")
             else:
-                _job_ok(sd, "nginx.service", sd.start_unit("nginx.service", timeout=120), "start")
+                _job_ok("nginx.service", sd.start_unit("nginx.service", timeout=120), "start")
         for unit in units:
             st = sd.state(unit)
             if st.active_state != "active":
@@ -235,17 +235,16 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
     return 0
 
 
-def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "installed and running") -> int:
+def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "installed and running") -> None:
     """The last word of every install, even one that changed nothing: does the app answer through nginx?"""
     if not nginx_loaded:
         print(f"{app.name}: {done} (nginx.service not found: the site is written but not served)")
-        return 0
+        return
     status = _http_status(app)
     if not app.health_ok(status):
         raise Failed(f"{app.name}: {done}, but {app.health_path} through nginx (Host: {app.health_host}) answered "
                      f"{status or 'nothing'}; see journalctl -u {app.service}")
     print(f"{app.name}: {done}; {app.health_path} answers {status} through nginx")
-    return 0
 
 
 #: Service settings a reload applies: systemd reads them per job or sets them up for every process it
@@ -317,7 +316,7 @@ def _read_environment_file(path: str) -> dict[str, str]:
     return out
 
 
-def _job_ok(sd: object, unit: str, result: str, verb: str) -> None:
+def _job_ok(unit: str, result: str, verb: str) -> None:
     if result != "done":
         raise Failed(f"{verb} {unit}: job {result}; see journalctl -u {unit}")
 
@@ -358,7 +357,7 @@ def uninstall(name: str) -> int:
         sd.daemon_reload()
         nginx = sd.state("nginx.service")
         if nginx.running:
-            _job_ok(sd, "nginx.service", sd.reload_unit("nginx.service", timeout=120), "reload")
+            _job_ok("nginx.service", sd.reload_unit("nginx.service", timeout=120), "reload")
     print(f"{name}: uninstalled")
     return 0
 

@@ -1,7 +1,10 @@
 """Small, read-mostly views of /proc, and the one place reloader signals processes.
 
-reloader never finds a process by name: it starts from systemd's MainPID and walks parent/child links,
-and it only signals processes in the same cgroup as that MainPID (i.e. of the app's own unit).
+reloader never finds a process by name: it starts from the MainPID systemd names (``$MAINPID`` of the unit
+whose hook is running, or over D-Bus) and walks parent/child links from there. What it signals is that
+MainPID (an app's gunicorn master, or nginx's master from nginx.service's ``ExecReload=``), the masters
+that MainPID forked (a new generation), and a parent of it only after :func:`same_unit` showed that it is
+in the same cgroup, i.e. of the same unit (an old master an interrupted reload left behind).
 """
 
 from __future__ import annotations
@@ -47,26 +50,18 @@ def cgroup(pid: int) -> str:
         return ""
 
 
-def cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
-
-
 def same_unit(pid: int, other: int) -> bool:
     """Both processes are in the same cgroup, i.e. the same systemd unit."""
     a, b = cgroup(pid), cgroup(other)
     return bool(a) and a == b
 
 
-def send(pid: int, sig: signal.Signals) -> bool:
-    """Signal *pid*; False if it is already gone."""
+def send(pid: int, sig: signal.Signals) -> None:
+    """Signal *pid*; nothing happens if it is already gone (every caller then waits for a condition)."""
     try:
         os.kill(pid, sig)
-        return True
     except ProcessLookupError:
-        return False
+        pass
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.05,

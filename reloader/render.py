@@ -65,10 +65,6 @@ def _basename(path: str) -> str:
     return os.path.basename(path).encode("unicode_escape").decode("ascii")
 
 
-def _pyrepr(value: object) -> str:
-    return repr(value)
-
-
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
@@ -76,7 +72,7 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters.update(sd=_sd, sd_quote=_sd_quote, pyrepr=_pyrepr, basename=_basename)
+    env.filters.update(sd=_sd, sd_quote=_sd_quote, pyrepr=repr, basename=_basename)
     return env
 
 
