@@ -78,7 +78,7 @@ class Systemd:
             return
         results = self._job_results
 
-        def on_job_removed(msg: Any, _error: Any = None, _userdata: Any = None) -> None:
+        def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:  # noqa: ARG001 (pystemd passes them by name)
             msg.process_reply(True)
             _id, path, _unit, result = msg.body
             results[path if isinstance(path, bytes) else str(path).encode()] = _s(result)
