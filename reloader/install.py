@@ -141,6 +141,7 @@ def install(config: str, *, dry_run: bool = False, allow_restart: bool = False, 
 
 def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, allow_restart: bool,
              notify_reload: bool) -> int:
+    """The install itself, under the operator lock (a dry run takes none: it changes nothing)."""
     with Systemd() as sd:
         if sd.version < MIN_SYSTEMD:
             raise Failed(f"systemd {sd.version} is too old: reloader needs {MIN_SYSTEMD} or newer "
