@@ -91,7 +91,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .engine import Notifier, Refused, try_lock
 
     app = _app_for(args.name)
-    if args.release or app.strategy != "blue-green":
+    if args.release or not app.strategy.instant_rollback:
         try:
             target = releases.rollback_target(app, args.release or "")
         except releases.BadRelease as e:
@@ -617,7 +617,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "main_pid": st.main_pid, "workers": len(proc.children(st.main_pid)) if st.main_pid else 0,
                 "reload_result": st.reload_result, "status": st.status_text,
                 "release": os.path.basename(os.path.realpath(app.working_directory)),
-                "strategy": app.strategy,
+                "strategy": app.strategy.value,
             }
             row.update(_release_state(app))
             if app.multi_instance:

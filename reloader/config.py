@@ -9,6 +9,7 @@ the file, the key and the fix, rather than escaped in a way a reader could misju
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import re
 import sys
@@ -20,9 +21,66 @@ from typing import Any
 #: Where ``reloader install`` puts an app's config; the units' ``ExecReload=`` points here.
 CONFIG_DIR = Path("/etc/reloader")
 
-STRATEGIES = ("generation", "hup", "blue-green", "rolling")
-#: Strategies that run several instances (NAME@INSTANCE.service) behind one nginx upstream.
-MULTI_INSTANCE = ("blue-green", "rolling")
+
+
+class Strategy(enum.StrEnum):
+    """``[reload] strategy``: how ``systemctl reload`` deploys, and what that implies everywhere else.
+
+    A ``StrEnum``, so templates print the TOML spelling and ``app.strategy == "hup"`` still holds; code
+    asks the properties below instead of comparing names, so a new strategy is declared here once.
+    """
+
+    #: USR2: a new master beside the old one, verified, then MAINPID= handed over (the default).
+    GENERATION = "generation"
+    #: HUP: the same master re-forks its workers in place.
+    HUP = "hup"
+    #: Two instances; a reload starts the idle colour and switches nginx's upstream to it.
+    BLUE_GREEN = "blue-green"
+    #: N instances behind one upstream, replaced one at a time.
+    ROLLING = "rolling"
+
+    @property
+    def multi_instance(self) -> bool:
+        """Several instances (NAME@INSTANCE.service) behind one nginx upstream, driven by a controller."""
+        return self in (Strategy.BLUE_GREEN, Strategy.ROLLING)
+
+    @property
+    def new_generation(self) -> bool:
+        """A reload starts a new master (USR2) next to the old one rather than re-forking in place."""
+        return self is Strategy.GENERATION
+
+    @property
+    def keeps_master(self) -> bool:
+        """A reload keeps the running master (HUP): with preload_app it would keep the old import too."""
+        return self is Strategy.HUP
+
+    @property
+    def instant_rollback(self) -> bool:
+        """``reloader rollback`` without a RELEASE switches back to the idle instance, which still runs the
+        previous release; other strategies redeploy the previous release with a verified reload."""
+        return self is Strategy.BLUE_GREEN
+
+    @property
+    def one_live_instance(self) -> bool:
+        """Exactly one instance gets traffic (blue or green); rolling serves from all of them."""
+        return self is Strategy.BLUE_GREEN
+
+    @property
+    def setup_commands(self) -> bool:
+        """``[setup] commands`` can run in the reload (the multi-instance controller is not sandboxed as
+        the app)."""
+        return not self.multi_instance
+
+    def instance_names(self, instances: int) -> tuple[str, ...]:
+        """The instance names (systemd's %i) for *instances* configured instances; () for a single master."""
+        if self is Strategy.BLUE_GREEN:
+            return ("blue", "green")
+        if self is Strategy.ROLLING:
+            return tuple(str(i) for i in range(1, instances + 1))
+        return ()
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
 #: Where reloader keeps per-app state: the nginx upstream include and each instance's pinned release.
 STATE_DIR = Path("/var/lib/reloader")
 #: The helper the .deb installs; see :func:`default_helper` for a pip install.
@@ -129,7 +187,7 @@ class AppConfig:
     health_path: str = "/"
     environment: tuple[tuple[str, str], ...] = ()
     environment_file: str = ""
-    strategy: str = "generation"
+    strategy: Strategy = Strategy.GENERATION
     preflight_timeout: int = 60
     ready_timeout: int = 120
     bake_seconds: float = 2.0
@@ -154,6 +212,10 @@ class AppConfig:
     #: An existing gunicorn config file the generated one loads first (its hooks run before reloader's).
     gunicorn_config_file: str = ""
     access_log: bool = True
+
+    def __post_init__(self) -> None:
+        # A str from a caller that builds AppConfig by hand becomes the enum (ValueError if unknown).
+        object.__setattr__(self, "strategy", Strategy(self.strategy))
 
     # Derived names: one place decides where each runtime file lives.
     @property
@@ -188,15 +250,11 @@ class AppConfig:
     # --- several instances (strategy blue-green or rolling) ---------------------------------------------
     @property
     def multi_instance(self) -> bool:
-        return self.strategy in MULTI_INSTANCE
+        return self.strategy.multi_instance
 
     @property
     def instance_names(self) -> tuple[str, ...]:
-        if self.strategy == "blue-green":
-            return ("blue", "green")
-        if self.strategy == "rolling":
-            return tuple(str(i) for i in range(1, self.instances + 1))
-        return ()
+        return self.strategy.instance_names(self.instances)
 
     def instance_unit(self, instance: str) -> str:
         return f"{self.name}@{instance}.service"
@@ -467,19 +525,20 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         gun.fail("socket", f"{socket!r} is longer than the 107 bytes a unix socket path may have")
 
     rel = _Reader(source, "reload", data.get("reload", {}))
-    strategy = rel.string("strategy", "generation")
-    if strategy not in STRATEGIES:
-        rel.fail("strategy", f"{strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
-    if strategy == "hup" and preload_app:
-        rel.fail("strategy", "'hup' with [gunicorn] preload_app = true never deploys new code (the master keeps "
-                 "the old import); use strategy = \"generation\" or turn preload_app off")
-    if strategy in MULTI_INSTANCE and not socket_activation:
-        rel.fail("strategy", f"{strategy!r} needs [gunicorn] socket_activation = true (each instance gets its "
-                 "own socket unit)")
+    name_of_strategy = rel.string("strategy", "generation")
+    if name_of_strategy not in STRATEGIES:
+        rel.fail("strategy", f"{name_of_strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
+    strategy = Strategy(name_of_strategy)
+    if strategy.keeps_master and preload_app:
+        rel.fail("strategy", f"{strategy.value!r} with [gunicorn] preload_app = true never deploys new code (the "
+                 "master keeps the old import); use strategy = \"generation\" or turn preload_app off")
+    if strategy.multi_instance and not socket_activation:
+        rel.fail("strategy", f"{strategy.value!r} needs [gunicorn] socket_activation = true (each instance gets "
+                 "its own socket unit)")
     instances = rel.integer("instances", 3, 2, 32)
-    if rel.has("instances") and strategy != "rolling":
+    if rel.has("instances") and strategy is not Strategy.ROLLING:
         rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
-    if strategy in MULTI_INSTANCE and len(f"{socket}-{instances}".encode()) > 107:
+    if strategy.multi_instance and len(f"{socket}-{instances}".encode()) > 107:
         gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
     preflight_timeout = rel.integer("preflight_timeout", 60, 1, 3600)
     ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
@@ -500,8 +559,8 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         gun.fail("config_file", f"{config_file!r} must be a gunicorn config file ending in .py")
     access_log = gun.boolean("access_log", True)
     setup = _setup(_Reader(source, "setup", data.get("setup", {})))
-    if setup.commands and strategy in MULTI_INSTANCE:
-        raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy!r} yet (its "
+    if setup.commands and not strategy.setup_commands:
+        raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy.value!r} yet (its "
                           "controller is not sandboxed as the app); run them from your deploy script, or use "
                           "strategy \"generation\"")
 

@@ -296,7 +296,7 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
             report = gen.stop()
             progress.done()
     doc = analyse(report, reloads, baseline)
-    doc.update({"app": app.name, "unit": app.service, "strategy": app.strategy, "host": host,
+    doc.update({"app": app.name, "unit": app.service, "strategy": app.strategy.value, "host": host,
                 "path": path, "long_path": long_path, "reloads_requested": args.reloads})
     return doc
 
