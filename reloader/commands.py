@@ -98,12 +98,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             raise ConfigError(f"rollback: {e}") from None
         print(f"{app.name}: rolling back to {target}")
         return _deploy(app, argparse.Namespace(timeout=0, json=False), target)
-    lock = Path(app.state_dir) / "lock"
+    lock = Path(app.deploy_lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f, Systemd() as sd:
         if not try_lock(f):
             # A deploy is running: ask its bake to switch back, and wait for the reload job to end.
-            (Path(app.state_dir) / "rollback-request").write_text("1\n")
+            Path(app.rollback_request).write_text("1\n")
             print(f"{app.name}: a deploy is running; asked it to switch back")
             deadline = time.monotonic() + app.ready_timeout + app.graceful_timeout + 60
             while sd.state(app.service).active_state == "reloading" and time.monotonic() < deadline:
@@ -399,7 +399,7 @@ def _check_environment(app: AppConfig, main_pid: int) -> None:
     booted = releases.booted(app, main_pid)
     if not booted:
         raise Failed(f"{app.name}: cannot tell which environment master {main_pid} runs with (no "
-                     f"{app.ready_dir}/{main_pid}/boot.json); run `systemctl restart {app.service}`")
+                     f"{app.boot_record(main_pid)}); run `systemctl restart {app.service}`")
     expected = dict(app.environment)
     if app.environment_file:
         expected.update(_read_environment_file(app.environment_file))

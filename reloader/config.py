@@ -217,7 +217,8 @@ class AppConfig:
         # A str from a caller that builds AppConfig by hand becomes the enum (ValueError if unknown).
         object.__setattr__(self, "strategy", Strategy(self.strategy))
 
-    # Derived names: one place decides where each runtime file lives.
+    # Derived names: one place decides where each unit and runtime file lives. Templates and code both
+    # read these, so a path is spelled once (the reference renders in units/ pin the result).
     @property
     def service(self) -> str:
         return f"{self.name}.service"
@@ -227,6 +228,15 @@ class AppConfig:
         return f"{self.name}.socket"
 
     @property
+    def config_path(self) -> str:
+        return str(CONFIG_DIR / f"{self.name}.toml")
+
+    @property
+    def gunicorn_config_path(self) -> str:
+        return str(CONFIG_DIR / f"{self.name}.gunicorn.conf.py")
+
+    # /run/NAME: the single master's RuntimeDirectory= (emptied when the service stops).
+    @property
     def runtime_dir(self) -> str:
         return f"/run/{self.name}"
 
@@ -235,17 +245,43 @@ class AppConfig:
         return f"{self.runtime_dir}/gunicorn.pid"
 
     @property
+    def new_pidfile(self) -> str:
+        """Where gunicorn's USR2 child writes its pid until its parent exits and it renames it to pidfile."""
+        return f"{self.pidfile}.2"
+
+    @property
     def ready_dir(self) -> str:
         """Where the gunicorn hooks record which workers have loaded the app (one dir per master)."""
         return f"{self.runtime_dir}/ready"
 
-    @property
-    def config_path(self) -> str:
-        return str(CONFIG_DIR / f"{self.name}.toml")
+    def boot_record(self, master: int) -> str:
+        """What *master* booted (release, virtualenv, environment), written by its gunicorn config."""
+        return f"{self.ready_dir}/{master}/boot.json"
 
     @property
-    def gunicorn_config_path(self) -> str:
-        return str(CONFIG_DIR / f"{self.name}.gunicorn.conf.py")
+    def reload_lock(self) -> str:
+        """flock()ed by a single-master reload, so two helpers never swap generations at once."""
+        return f"{self.runtime_dir}/reload.lock"
+
+    @property
+    def boot_request(self) -> str:
+        """The release and environment the reload helper resolved for the master it signals next."""
+        return f"{self.runtime_dir}/boot-request.json"
+
+    @property
+    def generation_path(self) -> str:
+        """The single master's generation counter (STATUS=); the one systemd started is 1."""
+        return f"{self.runtime_dir}/generation"
+
+    # /var/lib/reloader/NAME: reloader's own state, kept across restarts (`reloader install` creates it).
+    @property
+    def state_dir(self) -> str:
+        return str(STATE_DIR / self.name)
+
+    @property
+    def records_path(self) -> str:
+        """The records of the live, previous, refused and proven releases (reloader.releases)."""
+        return f"{self.state_dir}/releases.json"
 
     # --- several instances (strategy blue-green or rolling) ---------------------------------------------
     @property
@@ -264,20 +300,43 @@ class AppConfig:
         return f"{base}-{instance}.sock"
 
     def instance_runtime_dir(self, instance: str) -> str:
+        """An instance's RuntimeDirectory= (``instance`` may be systemd's ``%i`` in a template)."""
         return f"/run/{self.name}-{instance}"
 
+    def instance_pidfile(self, instance: str) -> str:
+        return f"{self.instance_runtime_dir(instance)}/gunicorn.pid"
+
+    def instance_ready_dir(self, instance: str) -> str:
+        return f"{self.instance_runtime_dir(instance)}/ready"
+
     @property
-    def state_dir(self) -> str:
-        return str(STATE_DIR / self.name)
+    def instances_dir(self) -> str:
+        """Holds one symlink per instance naming the release it runs (its WorkingDirectory)."""
+        return f"{self.state_dir}/instances"
 
     def instance_link(self, instance: str) -> str:
         """The symlink naming the release an instance runs (its WorkingDirectory)."""
-        return f"{self.state_dir}/instances/{instance}"
+        return f"{self.instances_dir}/{instance}"
 
     @property
     def upstream_path(self) -> str:
         """The nginx include listing the instances that get traffic (rewritten by reloads)."""
         return f"{self.state_dir}/upstream.conf"
+
+    @property
+    def fleet_state_path(self) -> str:
+        """Which instances are live and the deploy generation (reloader.fleet)."""
+        return f"{self.state_dir}/state.json"
+
+    @property
+    def deploy_lock(self) -> str:
+        """flock()ed by a multi-instance deploy (and by `reloader rollback`, to tell whether one runs)."""
+        return f"{self.state_dir}/lock"
+
+    @property
+    def rollback_request(self) -> str:
+        """Written by `reloader rollback` during a blue-green deploy: its bake switches back."""
+        return f"{self.state_dir}/rollback-request"
 
     @property
     def python(self) -> str:
