@@ -451,7 +451,6 @@ def _schema() -> dict[str, dict[str, tuple[str, TomlKey, Any]]]:
 
 
 _SCHEMA = _schema()
-_SECTIONS = {section: set(keys) for section, keys in _SCHEMA.items()}
 
 
 class _Reader:
@@ -465,11 +464,11 @@ class _Reader:
         self.keys = _SCHEMA[section]
         #: field name → value, for the dataclass; filled by read() and put().
         self.values: dict[str, Any] = {}
-        allowed = _SECTIONS[section]
+        allowed = sorted(self.keys)
         for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, sorted(allowed), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(allowed))}"
+            if key not in self.keys:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
                 self.fail(key, f"unknown key{hint}")
 
     def fail(self, key: str | None, message: str) -> None:
@@ -480,12 +479,18 @@ class _Reader:
         """The keys of this section without a default, in declaration order."""
         return [key for key, (_, _, default) in self.keys.items() if default is MISSING]
 
+    def default(self, key: str) -> Any:
+        """The declared default of *key* (MISSING for a required one)."""
+        return self.keys[key][2]
+
     def read(self, key: str, default: Any = MISSING) -> Any:
         """Read *key* as its :class:`TomlKey` says, with its declared default unless *default* is given."""
         name, spec, declared = self.keys[key]
         default = declared if default is MISSING else default
-        if spec.kind in ("integer", "number"):
-            value = getattr(self, spec.kind)(key, default, spec.low, spec.high)
+        if spec.kind == "integer":
+            value = self.integer(key, default, int(spec.low), int(spec.high))
+        elif spec.kind == "number":
+            value = self.number(key, default, spec.low, spec.high)
         elif spec.kind == "boolean":
             value = self.boolean(key, default)
         elif spec.kind == "string":
@@ -608,9 +613,9 @@ def load(path: str | Path) -> AppConfig:
 def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     """Validate already-parsed TOML *data*. Separate from :func:`load` so tests can feed dicts."""
     for section in data:
-        if section not in _SECTIONS:
-            close = difflib.get_close_matches(section, sorted(_SECTIONS), n=1)
-            hint = f"; did you mean [{close[0]}]?" if close else f"; known sections: {', '.join(sorted(_SECTIONS))}"
+        if section not in _SCHEMA:
+            close = difflib.get_close_matches(section, sorted(_SCHEMA), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else f"; known sections: {', '.join(sorted(_SCHEMA))}"
             raise ConfigError(f"{source}: [{_printable(section)}]: unknown section{hint}")
     if "app" not in data:
         raise ConfigError(f"{source}: [app]: missing section; it needs at least name, working_directory, "
@@ -629,24 +634,27 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     if user == "root" or group == "root":
         app.fail("user" if user == "root" else "group",
                  "the app must not run as root; give it a dedicated user (the default is the app name)")
-    app.read("working_directory")
     if bool(app.read("virtualenv")) == bool(app.read("gunicorn")):
         app.fail("virtualenv", "set exactly one of virtualenv (the venv holding gunicorn) or gunicorn "
                  "(the path of the gunicorn script)")
-    app.read("wsgi")
-    app.read("health_path")
     app.put("environment", _environment(app))
-    app.read("environment_file")
+    _writable(app)
+    app.put("health_status", _health_status(app))
+    # Each section's remaining keys need only their own declared check: rest() reads them.
+    values = app.rest()
 
     gun = _Reader(source, "gunicorn", data.get("gunicorn", {}))
-    for simple in ("workers", "worker_class", "threads", "timeout", "graceful_timeout"):
-        gun.read(simple)
     preload_app = gun.read("preload_app")
     socket_activation = gun.read("socket_activation")
     socket = gun.put("socket", _socket(gun, name, socket_activation))
+    gun.put("settings", _gunicorn_settings(gun))
+    config_file = gun.read("config_file")
+    if config_file and not config_file.endswith(".py"):
+        gun.fail("config_file", f"{config_file!r} must be a gunicorn config file ending in .py")
+    values.update(gun.rest())
 
     rel = _Reader(source, "reload", data.get("reload", {}))
-    name_of_strategy = rel.string("strategy", "generation")
+    name_of_strategy = rel.string("strategy", rel.default("strategy"))
     if name_of_strategy not in STRATEGIES:
         rel.fail("strategy", f"{name_of_strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
     strategy = rel.put("strategy", Strategy(name_of_strategy))
@@ -661,29 +669,21 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
     if strategy.multi_instance and len(f"{socket}-{instances}".encode()) > 107:
         gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
-    rel.read("preflight_timeout")
-    rel.read("ready_timeout")
-    rel.read("bake_seconds")
     rel.read("helper", default_helper())
     releases_root = rel.read("releases_root")
     if releases_root == "/":
         rel.fail("releases_root", "refusing '/' as the releases root (keep_releases prunes in it); use e.g. "
                  f"/srv/{name}/releases")
     rel.put("releases_root", releases_root.rstrip("/"))
+    values.update(rel.rest())
 
     nginx = _nginx(_Reader(source, "nginx", data.get("nginx", {})))
-    _writable(app)
-    app.put("health_status", _health_status(app))
-    gun.put("settings", _gunicorn_settings(gun, socket_activation))
-    config_file = gun.read("config_file")
-    if config_file and not config_file.endswith(".py"):
-        gun.fail("config_file", f"{config_file!r} must be a gunicorn config file ending in .py")
     setup = _setup(_Reader(source, "setup", data.get("setup", {})))
     if setup.commands and not strategy.setup_commands:
         raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy.value!r} yet (its "
                           "controller is not sandboxed as the app); run them from your deploy script, or use "
                           "strategy \"generation\"")
-    return AppConfig(source=source, **app.rest(), **gun.rest(), **rel.rest(), nginx=nginx, setup=setup)
+    return AppConfig(source=source, **values, nginx=nginx, setup=setup)
 
 
 def _socket(gun: _Reader, name: str, socket_activation: bool) -> str:
@@ -745,7 +745,7 @@ def _health_status(app: _Reader) -> tuple[int, int]:
     return (low, high)
 
 
-def _gunicorn_settings(gun: _Reader, socket_activation: bool) -> tuple[tuple[str, Any], ...]:
+def _gunicorn_settings(gun: _Reader) -> tuple[tuple[str, Any], ...]:
     out = []
     for name, value in gun.mapping("settings").items():
         where = f"settings.{name}"
