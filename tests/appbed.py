@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import testbed
 
 APP_SRC = "/src/examples/flaskapp/app.py"
+EXAMPLE = "/src/examples/flaskapp.toml"
 HOST = "flaskapp.example"
 
 #: Installs reloader inside the container from the bind-mounted checkout, like the .deb's /usr/bin/reloader.
@@ -37,6 +38,54 @@ print(json.dumps(out))
 """
 
 
+_ALIVE = """
+import json, os, sys, time
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+def ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError):
+        return 0
+"""
+
+_READY_WORKERS = _ALIVE + """
+ready, master = sys.argv[1], int(sys.argv[2])
+try:
+    names = os.listdir(ready)
+except OSError:
+    names = []
+pids = [int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()]
+print(json.dumps(sorted(p for p in pids if alive(p) and ppid(p) == master)))
+"""
+
+_WATCH_MASTERS = _ALIVE + """
+ready, out, stop = sys.argv[1:4]
+seen = None
+with open(out, "w") as f:
+    while True:
+        done = os.path.exists(stop)
+        try:
+            names = os.listdir(ready)
+        except OSError:
+            names = []
+        masters = sorted(int(n) for n in names
+                         if n.isdigit() and os.path.exists(f"{ready}/{n}/master") and alive(int(n)))
+        if masters != seen:
+            f.write(json.dumps([time.monotonic(), masters]) + "\\n")
+            f.flush()
+            seen = masters
+        if done:
+            break
+        time.sleep(0.05)
+"""
+
+
 @dataclass
 class Reply:
     status: int  # 0 when no HTTP answer came
@@ -54,14 +103,17 @@ class App:
         self.release = 0
 
     # --- set-up -----------------------------------------------------------------------------------------
-    def install(self, config: str = "/src/examples/flaskapp.toml", *flags: str, wrapper: bool = True,
+    def install(self, config: str = EXAMPLE, *flags: str, wrapper: bool = True, check: bool = True,
                 **release: str) -> subprocess.CompletedProcess:
-        """*wrapper*: write /usr/bin/reloader running the checkout; False when a .deb installed it."""
+        """Ship release 1 (*release*: :meth:`ship`'s arguments) and run `reloader install CONFIG FLAGS`.
+
+        *wrapper*: write /usr/bin/reloader running the checkout; False when a .deb installed it.
+        *check*: raise when install fails; False for a test of a failing install."""
         if wrapper:
             self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
         self.c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
         self.ship(**release)
-        return self.c.run(["reloader", "install", config, *flags], timeout=240)
+        return self.c.run(["reloader", "install", config, *flags], timeout=240, check=check)
 
     def ship(self, version: str | None = None, *, code: str | None = None, extra: str = "",
              files: dict[str, str] | None = None) -> int:
@@ -86,7 +138,7 @@ class App:
         return n
 
     def variant(self, gunicorn: str = "", reload: str = "", path: str = "/root/flaskapp.toml",
-                base: str = "/src/examples/flaskapp.toml") -> str:
+                base: str = EXAMPLE) -> str:
         """Write the example config with extra lines in [gunicorn] / [reload]; returns its path."""
         text = self.c.read_file(base)
         for line in (gunicorn + "\n" + reload).splitlines():  # a key given here replaces the example's
@@ -115,6 +167,31 @@ class App:
                 parent[pid] = int(stat.rpartition(")")[2].split()[1])
         has_children = set(parent.values())
         return sorted(p for p, pp in parent.items() if pp not in pids or p in has_children)
+
+    def ready_workers(self, master: int) -> list[int]:
+        """Live workers of *master* that have loaded the app: the ready markers the gunicorn config's
+        post_worker_init hook writes (runtime_dir/ready/MASTER/worker-PID), checked against /proc."""
+        r = self.c.run(["python3", "-c", _READY_WORKERS, f"/run/{self.name}/ready/{master}", str(master)])
+        return json.loads(r.stdout)
+
+    def start_master_watch(self, out: str = "/run/masters.jsonl", stop: str = "/run/masters.stop"
+                           ) -> subprocess.Popen:
+        """Sample the app's live gunicorn masters (ready markers, see :meth:`ready_workers`) every 50 ms
+        inside the container until :meth:`stop_master_watch`, which returns each change as
+        ``(CLOCK_MONOTONIC seconds, [master PIDs])``; the container shares the host's monotonic clock."""
+        self.c.run(["rm", "-f", out, stop])
+        return self.c.popen(["python3", "-c", _WATCH_MASTERS, f"/run/{self.name}/ready", out, stop],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop_master_watch(self, p: subprocess.Popen, out: str = "/run/masters.jsonl",
+                          stop: str = "/run/masters.stop") -> list[tuple[float, list[int]]]:
+        self.c.run(["touch", stop])
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+        return [tuple(json.loads(line)) for line in self.c.read_file(out).splitlines()]
 
     # --- observing --------------------------------------------------------------------------------------
     def props(self, unit: str | None = None) -> dict:

@@ -7,7 +7,6 @@ counts every response and connection error (reloader/loadgen.py).
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 
 import pytest
@@ -203,23 +202,61 @@ def test_helper_killed_mid_reload_leaves_a_serving_unit_whose_next_reload_succee
     assert_no_failures(app.stop_load(load))
 
 
-def test_concurrent_reloads_are_serialized(container) -> None:
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
-    load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
-    app.ship("v2")
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(app.reload().returncode)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert results == [0, 0, 0]
-    assert app.version() == "v2"
+#: Lets a release's import block until the test creates the file ``go`` in its directory: holds a reload
+#: inside its pre-flight (under the reload lock) for exactly as long as the test needs.
+GATED_IMPORT = ("\nimport os as _os, time as _time\n"
+                "while not _os.path.exists(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), 'go')):\n"
+                "    _time.sleep(0.1)\n")
+LOCK_WAIT = 10  # ready_timeout: how long a second reload waits for the lock before it refuses
+
+
+@pytest.mark.app_config(reload=f"ready_timeout = {LOCK_WAIT}")
+def test_a_manual_exec_reload_waits_for_the_running_reload_then_refuses(app: App) -> None:
+    """systemd never runs two ExecReload= of one unit at once, but an operator can run the helper by hand
+    next to `systemctl reload` (`MAINPID=... reloader exec-reload CONFIG`). The reload lock
+    (runtime_dir/reload.lock) makes the second one wait up to ready_timeout and then refuse, without
+    touching a process: at no time do two new generations exist, and the first reload deploys."""
+    master = app.props()["MainPID"]
+    release = app.ship("v2", extra=GATED_IMPORT)
+    gate = f"/srv/flaskapp/releases/{release}/go"
+    watch = app.start_master_watch()
+    reload = app.c.popen(["systemctl", "reload", "flaskapp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 60
+    while "pre-flight" not in app.props()["StatusText"]:  # past the lock, held in the import
+        assert reload.poll() is None and time.monotonic() < deadline, (reload.poll(), app.props(), app.journal(20))
+        time.sleep(0.2)
+
+    started = time.monotonic()
+    manual = app.c.popen(["reloader", "exec-reload", "/etc/reloader/flaskapp.toml"], env={"MAINPID": str(master)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = manual.communicate(timeout=LOCK_WAIT + 30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the manual exec-reload neither waited for the lock nor refused within {LOCK_WAIT + 30} s: "
+                    "it ran next to the reload systemd started")
+    waited = time.monotonic() - started
+    assert reload.poll() is None, "the first reload ended before the manual one gave up: no contention shown"
+    assert manual.returncode == 1, (manual.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "reload refused" in lines[0], err  # one line: it did nothing else
+    assert "another reload of this app is still running" in lines[0], err
+    assert waited >= LOCK_WAIT, f"refused after {waited:.1f} s: it did not wait ready_timeout for the lock"
+
+    opened = time.monotonic()
+    app.c.run(["touch", gate])
+    _, err = reload.communicate(timeout=180)
     props = app.props()
-    assert props["SubState"] == "running" and app.masters() == [props["MainPID"]], props
-    assert_no_failures(app.stop_load(load))
+    assert reload.returncode == 0, (err, props, app.journal(30))
+    assert props["ReloadResult"] == "success" and props["MainPID"] != master, props
+    assert app.version() == "v2"
+    assert app.masters() == [props["MainPID"]]
+    seen = app.stop_master_watch(watch)
+    assert all(masters == [master] for at, masters in seen if at < opened), seen
+    assert max(len(masters) for _, masters in seen) <= 2, seen
+    new = {pid for _, masters in seen for pid in masters} - {master}
+    assert new == {props["MainPID"]}, f"new generations seen: {sorted(new)} ({seen})"
+    print(f"manual exec-reload refused after {waited:.1f} s; masters seen: {seen}")
 
 
 def test_notify_reload_is_refused_on_systemd_252(container) -> None:
