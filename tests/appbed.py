@@ -20,6 +20,25 @@ APP_SRC = "/src/examples/flaskapp/app.py"
 EXAMPLE = "/src/examples/flaskapp.toml"
 HOST = "flaskapp.example"
 
+#: Releases that must be refused, each with the reason `STATUS=` names: kind → (app.py, reason). Shared by
+#: the tests of every strategy (a test bed fixture, not a test module's constant). The hanging import's
+#: reason holds for a config with ``preflight_timeout = 5`` (BROKEN_PREFLIGHT_TIMEOUT).
+BROKEN_PREFLIGHT_TIMEOUT = "preflight_timeout = 5"
+BROKEN = {
+    "import error": ("import nosuchmodule\n", "ModuleNotFoundError: No module named 'nosuchmodule' (app.py:1)"),
+    "syntax error": ("from flask import Flask\napp = Flask(__name__\n", "SyntaxError"),
+    "missing callable": ("from flask import Flask\napplication = Flask(__name__)\n", "has no attribute 'app'"),
+    "exception creating the app": (
+        "from flask import Flask\n\ndef make():\n    raise RuntimeError('no database configured')\n\napp = make()\n",
+        "RuntimeError: no database configured (app.py:4)"),
+    "hanging import": ("import time\ntime.sleep(3600)\n", "pre-flight timed out after 5 s"),
+    "health path answers 500": (
+        "from flask import Flask\napp = Flask(__name__)\n\n@app.get('/health')\ndef health():\n"
+        "    return 'db down', 500\n", "/health answered 500"),
+}
+#: The simplest of them: the release's app.py fails to import.
+IMPORT_ERROR = BROKEN["import error"][0]
+
 #: Installs reloader inside the container from the bind-mounted checkout, like the .deb's /usr/bin/reloader.
 WRAPPER = """#!/bin/sh
 PYTHONPATH=/src exec /usr/bin/python3 -m reloader "$@"

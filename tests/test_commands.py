@@ -17,7 +17,7 @@ import appbed
 import pytest
 import testbed
 
-EXAMPLE = "/src/examples/flaskapp.toml"
+EXAMPLE = appbed.EXAMPLE
 MANIFEST = "/var/lib/reloader/flaskapp.json"
 DROPIN = "/etc/systemd/system/nginx.service.d/reloader.conf"
 SERVICE, SOCKET = "flaskapp.service", "flaskapp.socket"
@@ -292,7 +292,7 @@ def test_deploy_broken_release_keeps_old_generation(app: appbed.App) -> None:
     c = app.c
     pid = main_pid(app)
     workers = children(c, pid)
-    app.ship(code="import nosuchmodule\n")
+    app.ship(code=appbed.IMPORT_ERROR)
     r = reloader(c, "deploy", "flaskapp", "--json")
     assert r.returncode == 1, out(r)
     report = json.loads(r.stdout)
@@ -512,10 +512,7 @@ def test_install_of_a_service_that_cannot_start_names_journalctl(container: test
     import) makes that deterministic rather than a race."""
     a = appbed.App(container)
     c = container
-    c.write_file("/usr/bin/reloader", appbed.WRAPPER, mode=0o755)
-    c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
-    a.ship(code="import time\ntime.sleep(1.5)\nimport nosuchmodule\n")
-    r = reloader(c, "install", EXAMPLE, timeout=300)
+    r = a.install(code="import time\ntime.sleep(1.5)\n" + appbed.IMPORT_ERROR, check=False)
     assert r.returncode == 1, out(r)
     assert "Traceback" not in r.stderr, out(r)
     lines = r.stderr.strip().splitlines()
