@@ -156,9 +156,10 @@ class App:
         self.c.run(f"ln -sfn {d} /srv/flaskapp/current.new && mv -T /srv/flaskapp/current.new /srv/flaskapp/current")
         return n
 
-    def variant(self, gunicorn: str = "", reload: str = "", path: str = "/root/flaskapp.toml",
+    def variant(self, gunicorn: str = "", reload: str = "", setup: str = "", path: str = "/root/flaskapp.toml",
                 base: str = EXAMPLE) -> str:
-        """Write the example config with extra lines in [gunicorn] / [reload]; returns its path."""
+        """Write the example config with extra lines in [gunicorn] / [reload] and a [setup] section of
+        *setup*'s lines; returns its path."""
         text = self.c.read_file(base)
         for line in (gunicorn + "\n" + reload).splitlines():  # a key given here replaces the example's
             if "=" in line:
@@ -169,6 +170,8 @@ class App:
             text = text.replace("[reload]\n", f"[reload]\n{reload}\n")
         elif reload:
             text += f"\n[reload]\n{reload}\n"
+        if setup:
+            text += f"\n[setup]\n{setup}\n"
         self.c.write_file(path, text)
         return path
 

@@ -176,28 +176,27 @@ def test_helper_killed_mid_reload_leaves_a_serving_unit_whose_next_reload_succee
     assert_no_failures(app.stop_load(load))
 
 
-#: Lets a release's import block until the test creates the file ``go`` in its directory: holds a reload
-#: inside its pre-flight (under the reload lock) for exactly as long as the test needs.
-GATED_IMPORT = ("\nimport os as _os, time as _time\n"
-                "while not _os.path.exists(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), 'go')):\n"
-                "    _time.sleep(0.1)\n")
+#: A setup command that waits while the release holds a file ``hold``: keeps a reload under its lock
+#: (setup commands run first, before the pre-flight and any new generation) as long as the test needs,
+#: and costs nothing to a release without the file.
+HOLD_WHILE_FILE = """commands = ["sh -c 'while [ -e hold ]; do sleep 0.1; done'"]"""
 LOCK_WAIT = 10  # ready_timeout: how long a second reload waits for the lock before it refuses
 
 
-@pytest.mark.app_config(reload=f"ready_timeout = {LOCK_WAIT}")
+@pytest.mark.app_config(reload=f"ready_timeout = {LOCK_WAIT}", setup=HOLD_WHILE_FILE)
 def test_a_manual_exec_reload_waits_for_the_running_reload_then_refuses(app: App) -> None:
     """systemd never runs two ExecReload= of one unit at once, but an operator can run the helper by hand
     next to `systemctl reload` (`MAINPID=... reloader exec-reload CONFIG`). The reload lock
     (runtime_dir/reload.lock) makes the second one wait up to ready_timeout and then refuse, without
     touching a process: at no time do two new generations exist, and the first reload deploys."""
     master = app.props()["MainPID"]
-    release = app.ship("v2", extra=GATED_IMPORT)
-    gate = f"/srv/flaskapp/releases/{release}/go"
+    release = app.ship("v2", files={"hold": ""})
+    hold = f"/srv/flaskapp/releases/{release}/hold"
     watch = app.start_master_watch()
     reload = app.c.popen(["systemctl", "reload", "flaskapp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     deadline = time.monotonic() + 60
-    while "pre-flight" not in app.props()["StatusText"]:  # past the lock, held in the import
+    while "setup: running" not in app.props()["StatusText"]:  # past the lock, held by the setup command
         assert reload.poll() is None and time.monotonic() < deadline, (reload.poll(), app.props(), app.journal(20))
         time.sleep(0.2)
 
@@ -217,8 +216,8 @@ def test_a_manual_exec_reload_waits_for_the_running_reload_then_refuses(app: App
     assert "another reload of this app is still running" in lines[0], err
     assert waited >= LOCK_WAIT, f"refused after {waited:.1f} s: it did not wait ready_timeout for the lock"
 
-    opened = time.monotonic()
-    app.c.run(["touch", gate])
+    released = time.monotonic()
+    app.c.run(["rm", hold])
     _, err = reload.communicate(timeout=180)
     props = app.props()
     assert reload.returncode == 0, (err, props, app.journal(30))
@@ -226,7 +225,7 @@ def test_a_manual_exec_reload_waits_for_the_running_reload_then_refuses(app: App
     assert app.version() == "v2"
     assert app.masters() == [props["MainPID"]]
     seen = app.stop_master_watch(watch)
-    assert all(masters == [master] for at, masters in seen if at < opened), seen
+    assert all(masters == [master] for at, masters in seen if at < released), seen
     assert max(len(masters) for _, masters in seen) <= 2, seen
     new = {pid for _, masters in seen for pid in masters} - {master}
     assert new == {props["MainPID"]}, f"new generations seen: {sorted(new)} ({seen})"
