@@ -11,30 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from configbed import BASE, DROP, SRC, cfg, rejected
 
 from reloader.config import AppConfig, ConfigError, NginxConfig, load, parse
 from reloader.render import render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "flaskapp.toml"
-SRC = "myapp.toml"
-BASE = {"name": "myapp", "working_directory": "/srv/myapp", "virtualenv": "/srv/myapp/venv", "wsgi": "app:app"}
-DROP = object()  #: in an ``app`` override: remove that key from BASE
-
-
-def cfg(app: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
-    """A valid config dict (BASE) with *app* keys overridden (DROP removes one) and extra sections."""
-    merged = {**BASE, **(app or {})}
-    return {"app": {k: v for k, v in merged.items() if v is not DROP}, **sections}
-
-
-def rejected(data: dict[str, Any], source: str = SRC) -> str:
-    with pytest.raises(ConfigError) as e:
-        parse(data, source=source)
-    message = str(e.value)
-    assert "\n" not in message and "\r" not in message, f"error message is not one line: {message!r}"
-    assert message.startswith(f"{source}: "), message
-    return message
 
 
 def assert_rejected(data: dict[str, Any], where: str, fragment: str) -> None:
