@@ -84,19 +84,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .engine import Notifier, Refused, try_lock
 
     app = registry.app_for(args.name)
-    if args.release or app.strategy != "blue-green":
+    if args.release or not app.strategy.instant_rollback:
         try:
             target = releases.rollback_target(app, args.release or "")
         except releases.BadRelease as e:
             raise ConfigError(f"rollback: {e}") from None
         print(f"{app.name}: rolling back to {target}")
         return _deploy(app, argparse.Namespace(timeout=0, json=False), target)
-    lock = Path(app.state_dir) / "lock"
+    lock = Path(app.deploy_lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f, Systemd() as sd:
         if not try_lock(f):
             # A deploy is running: ask its bake to switch back, and wait for the reload job to end.
-            (Path(app.state_dir) / "rollback-request").write_text("1\n")
+            Path(app.rollback_request).write_text("1\n")
             print(f"{app.name}: a deploy is running; asked it to switch back")
             deadline = time.monotonic() + client_wait(app.reload_budget)
             while sd.state(app.service).active_state == "reloading" and time.monotonic() < deadline:
@@ -278,7 +278,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "main_pid": st.main_pid, "workers": len(proc.children(st.main_pid)) if st.main_pid else 0,
                 "reload_result": st.reload_result, "status": st.status_text,
                 "release": os.path.basename(os.path.realpath(app.working_directory)),
-                "strategy": app.strategy,
+                "strategy": app.strategy.value,
             }
             row.update(_release_state(app))
             if app.multi_instance:

@@ -9,21 +9,79 @@ the file, the key and the fix, rather than escaped in a way a reader could misju
 from __future__ import annotations
 
 import difflib
+import enum
 import math
 import os
 import re
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 #: Where ``reloader install`` puts an app's config; the units' ``ExecReload=`` points here.
 CONFIG_DIR = Path("/etc/reloader")
 
-STRATEGIES = ("generation", "hup", "blue-green", "rolling")
-#: Strategies that run several instances (NAME@INSTANCE.service) behind one nginx upstream.
-MULTI_INSTANCE = ("blue-green", "rolling")
+
+
+class Strategy(enum.StrEnum):
+    """``[reload] strategy``: how ``systemctl reload`` deploys, and what that implies everywhere else.
+
+    A ``StrEnum``, so templates print the TOML spelling and ``app.strategy == "hup"`` still holds; code
+    asks the properties below instead of comparing names, so a new strategy is declared here once.
+    """
+
+    #: USR2: a new master beside the old one, verified, then MAINPID= handed over (the default).
+    GENERATION = "generation"
+    #: HUP: the same master re-forks its workers in place.
+    HUP = "hup"
+    #: Two instances; a reload starts the idle colour and switches nginx's upstream to it.
+    BLUE_GREEN = "blue-green"
+    #: N instances behind one upstream, replaced one at a time.
+    ROLLING = "rolling"
+
+    @property
+    def multi_instance(self) -> bool:
+        """Several instances (NAME@INSTANCE.service) behind one nginx upstream, driven by a controller."""
+        return self in (Strategy.BLUE_GREEN, Strategy.ROLLING)
+
+    @property
+    def new_generation(self) -> bool:
+        """A reload starts a new master (USR2) next to the old one rather than re-forking in place."""
+        return self is Strategy.GENERATION
+
+    @property
+    def keeps_master(self) -> bool:
+        """A reload keeps the running master (HUP): with preload_app it would keep the old import too."""
+        return self is Strategy.HUP
+
+    @property
+    def instant_rollback(self) -> bool:
+        """``reloader rollback`` without a RELEASE switches back to the idle instance, which still runs the
+        previous release; other strategies redeploy the previous release with a verified reload."""
+        return self is Strategy.BLUE_GREEN
+
+    @property
+    def one_live_instance(self) -> bool:
+        """Exactly one instance gets traffic (blue or green); rolling serves from all of them."""
+        return self is Strategy.BLUE_GREEN
+
+    @property
+    def setup_commands(self) -> bool:
+        """``[setup] commands`` can run in the reload (the multi-instance controller is not sandboxed as
+        the app)."""
+        return not self.multi_instance
+
+    def instance_names(self, instances: int) -> tuple[str, ...]:
+        """The instance names (systemd's %i) for *instances* configured instances; () for a single master."""
+        if self is Strategy.BLUE_GREEN:
+            return ("blue", "green")
+        if self is Strategy.ROLLING:
+            return tuple(str(i) for i in range(1, instances + 1))
+        return ()
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
 #: Where reloader keeps per-app state: the nginx upstream include and each instance's pinned release.
 STATE_DIR = Path("/var/lib/reloader")
 #: The helper the .deb installs; see :func:`default_helper` for a pip install.
@@ -83,18 +141,45 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ANY = re.compile(r".*")
 
 
+# --- the schema: each TOML key declared once ------------------------------------------------------------
+@dataclass(frozen=True)
+class TomlKey:
+    """How one TOML key is read: its section, its name there, and the check its value gets. The default
+    is the dataclass field's; the known keys of each section (and "did you mean" hints) come from these.
+
+    ``kind`` names the :class:`_Reader` method that reads it ("integer", "number", "boolean", "string",
+    "path", "strings"); "custom" keys need more than one value's check and are read by :func:`parse`."""
+
+    section: str
+    kind: str = "custom"
+    low: float = 0
+    high: float = 0
+    pattern: re.Pattern[str] | None = None
+    allowed: str = ""  #: what a valid value looks like, for the error when *pattern* does not match
+    key: str = ""  #: the TOML name, when it is not the field's
+
+
+def toml(section: str, default: Any = MISSING, **spec: Any) -> Any:
+    """A dataclass field that is the TOML key ``[section] NAME`` (see :class:`TomlKey`); no default: required."""
+    return field(default=default, metadata={"toml": TomlKey(section, **spec)})
+
+
 @dataclass(frozen=True)
 class NginxConfig:
     """The app's nginx site: a server block proxying to the gunicorn socket."""
 
-    server_name: tuple[str, ...] = ("_",)
-    listen: tuple[str, ...] = ("80",)
-    client_max_body_size: str = "10m"
+    server_name: tuple[str, ...] = toml("nginx", ("_",), kind="strings", pattern=_SERVER_NAME,
+                                        allowed="server names may only use letters, digits, '.', '-', '_' "
+                                        "and a leading '*.'")
+    listen: tuple[str, ...] = toml("nginx", ("80",), kind="strings", pattern=_LISTEN,
+                                   allowed="use a port ('80'), 'ADDRESS:PORT' or '[IPV6]:PORT'")
+    client_max_body_size: str = toml("nginx", "10m", kind="string", pattern=_SIZE,
+                                     allowed="a size like '10m', '512k' or '0'")
     #: URL prefix → directory served by nginx directly (``location PREFIX { alias DIR; }``).
-    static: tuple[tuple[str, str], ...] = ()
-    proxy_read_timeout: int = 60
+    static: tuple[tuple[str, str], ...] = toml("nginx", ())
+    proxy_read_timeout: int = toml("nginx", 60, kind="integer", low=1, high=86400)
     #: The user nginx's workers run as; the gunicorn socket is made accessible to its group.
-    user: str = "www-data"
+    user: str = toml("nginx", "www-data", kind="string", pattern=_USER, allowed="the user nginx's workers run as")
 
 
 @dataclass(frozen=True)
@@ -102,61 +187,89 @@ class SetupConfig:
     """Commands run as the app's user, in its sandbox and environment, in the release being deployed,
     before its new generation starts (e.g. ``python manage.py migrate --noinput``)."""
 
-    commands: tuple[tuple[str, ...], ...] = ()
+    commands: tuple[tuple[str, ...], ...] = toml("setup", ())
     #: Seconds for all commands together; a command still running then is killed and the deploy refused.
-    timeout: int = 300
+    timeout: int = toml("setup", 300, kind="integer", low=1, high=86400)
+
+
+def _sd_directory(base: str) -> Any:
+    return toml("app", "", kind="string", pattern=_SD_DIRECTORY,
+                allowed=f"a directory name relative to {base}, like 'myapp' (letters, digits, '._-', '/')")
 
 
 @dataclass(frozen=True)
 class AppConfig:
-    """One app: its Gunicorn service, socket, nginx site and reload policy."""
+    """One app: its Gunicorn service, socket, nginx site and reload policy.
 
-    name: str
-    working_directory: str
-    wsgi: str
+    Each field that is a TOML key says where (see :func:`toml`); :func:`parse` reads them from that."""
+
+    # [app]
+    name: str = toml("app", kind="string", pattern=_NAME,
+                     allowed="use 1-48 lowercase letters, digits, '-' or '_', starting with a letter or digit "
+                     "(it names the systemd unit, the user and /run/NAME)")
+    working_directory: str = toml("app", kind="path")
+    wsgi: str = toml("app", kind="string", pattern=_WSGI,
+                     allowed="use 'module:callable' or 'package.module:create_app()'")
+    #: The config file it was read from (not a key).
     source: str = "<config>"
-    user: str = ""
-    group: str = ""
-    virtualenv: str = ""
-    gunicorn: str = ""
-    workers: int = 2
-    worker_class: str = "sync"
-    threads: int = 1
-    timeout: int = 30
-    graceful_timeout: int = 30
-    preload_app: bool = False
-    socket: str = ""
-    socket_activation: bool = True
-    health_path: str = "/"
-    environment: tuple[tuple[str, str], ...] = ()
-    environment_file: str = ""
-    strategy: str = "generation"
-    preflight_timeout: int = 60
-    ready_timeout: int = 120
-    bake_seconds: float = 2.0
-    instances: int = 3
-    helper: str = DEB_HELPER
-    #: Where release directories live ("" = the directory holding the release ``current`` points at).
-    releases_root: str = ""
-    #: How many release directories `reloader deploy` keeps (the live and previous one always stay).
-    keep_releases: int = 5
-    nginx: NginxConfig = field(default_factory=NginxConfig)
+    #: The app's user and group ("" here; parse() defaults them to the name, then the user).
+    user: str = toml("app", "", kind="string", pattern=_USER, allowed="a POSIX user name like 'flaskapp'")
+    group: str = toml("app", "", kind="string", pattern=_USER, allowed="a POSIX group name like 'flaskapp'")
+    virtualenv: str = toml("app", "", kind="path")
+    gunicorn: str = toml("app", "", kind="path")
+    health_path: str = toml("app", "/", kind="string", pattern=_URL_PATH,
+                            allowed="an absolute URL path such as '/health' (no spaces or quotes)")
+    environment: tuple[tuple[str, str], ...] = toml("app", ())
+    environment_file: str = toml("app", "", kind="path")
     #: Paths outside the systemd-managed directories the app may write (ReadWritePaths=); they must exist.
-    read_write_paths: tuple[str, ...] = ()
+    read_write_paths: tuple[str, ...] = toml("app", ())
     #: StateDirectory=/CacheDirectory=/LogsDirectory= names (systemd creates them, owned by the app user).
-    state_directory: str = ""
-    cache_directory: str = ""
-    logs_directory: str = ""
+    state_directory: str = _sd_directory("/var/lib")
+    cache_directory: str = _sd_directory("/var/cache")
+    logs_directory: str = _sd_directory("/var/log")
     #: Inclusive range of health-path statuses that pass the pre-flight and the bake.
-    health_status: tuple[int, int] = (200, 399)
-    setup: SetupConfig = field(default_factory=SetupConfig)
-    #: [gunicorn.settings]: any other gunicorn setting, as (name, value) rendered with repr().
-    gunicorn_settings: tuple[tuple[str, Any], ...] = ()
-    #: An existing gunicorn config file the generated one loads first (its hooks run before reloader's).
-    gunicorn_config_file: str = ""
-    access_log: bool = True
+    health_status: tuple[int, int] = toml("app", (200, 399))
 
-    # Derived names: one place decides where each runtime file lives.
+    # [gunicorn]
+    workers: int = toml("gunicorn", 2, kind="integer", low=1, high=512)
+    worker_class: str = toml("gunicorn", "sync", kind="string", pattern=_WORKER_CLASS,
+                             allowed="a gunicorn worker class like 'sync', 'gthread' or 'gevent'")
+    threads: int = toml("gunicorn", 1, kind="integer", low=1, high=1024)
+    timeout: int = toml("gunicorn", 30, kind="integer", low=1, high=86400)
+    graceful_timeout: int = toml("gunicorn", 30, kind="integer", low=1, high=86400)
+    preload_app: bool = toml("gunicorn", False, kind="boolean")
+    #: The listening socket ("" here; parse() defaults it by socket_activation).
+    socket: str = toml("gunicorn", "")
+    socket_activation: bool = toml("gunicorn", True, kind="boolean")
+    #: [gunicorn.settings]: any other gunicorn setting, as (name, value) rendered with repr().
+    gunicorn_settings: tuple[tuple[str, Any], ...] = toml("gunicorn", (), key="settings")
+    #: An existing gunicorn config file the generated one loads first (its hooks run before reloader's).
+    gunicorn_config_file: str = toml("gunicorn", "", kind="path", key="config_file")
+    access_log: bool = toml("gunicorn", True, kind="boolean")
+
+    # [reload]
+    strategy: Strategy = toml("reload", Strategy.GENERATION)
+    preflight_timeout: int = toml("reload", 60, kind="integer", low=1, high=3600)
+    ready_timeout: int = toml("reload", 120, kind="integer", low=1, high=3600)
+    bake_seconds: float = toml("reload", 2.0, kind="number", low=0, high=3600)
+    instances: int = toml("reload", 3, kind="integer", low=2, high=32)
+    #: The ExecReload= helper (parse() defaults it to :func:`default_helper`).
+    helper: str = toml("reload", DEB_HELPER, kind="path")
+    #: Where release directories live ("" = the directory holding the release ``current`` points at).
+    releases_root: str = toml("reload", "", kind="path")
+    #: How many release directories `reloader deploy` keeps (the live and previous one always stay).
+    keep_releases: int = toml("reload", 5, kind="integer", low=2, high=1000)
+
+    # [nginx], [setup]
+    nginx: NginxConfig = field(default_factory=NginxConfig)
+    setup: SetupConfig = field(default_factory=SetupConfig)
+
+    def __post_init__(self) -> None:
+        # A str from a caller that builds AppConfig by hand becomes the enum (ValueError if unknown).
+        object.__setattr__(self, "strategy", Strategy(self.strategy))
+
+    # Derived names: one place decides where each unit and runtime file lives. Templates and code both
+    # read these, so a path is spelled once (the reference renders in units/ pin the result).
     @property
     def service(self) -> str:
         return f"{self.name}.service"
@@ -166,6 +279,15 @@ class AppConfig:
         return f"{self.name}.socket"
 
     @property
+    def config_path(self) -> str:
+        return str(CONFIG_DIR / f"{self.name}.toml")
+
+    @property
+    def gunicorn_config_path(self) -> str:
+        return str(CONFIG_DIR / f"{self.name}.gunicorn.conf.py")
+
+    # /run/NAME: the single master's RuntimeDirectory= (emptied when the service stops).
+    @property
     def runtime_dir(self) -> str:
         return f"/run/{self.name}"
 
@@ -174,30 +296,52 @@ class AppConfig:
         return f"{self.runtime_dir}/gunicorn.pid"
 
     @property
+    def new_pidfile(self) -> str:
+        """Where gunicorn's USR2 child writes its pid until its parent exits and it renames it to pidfile."""
+        return f"{self.pidfile}.2"
+
+    @property
     def ready_dir(self) -> str:
         """Where the gunicorn hooks record which workers have loaded the app (one dir per master)."""
         return f"{self.runtime_dir}/ready"
 
-    @property
-    def config_path(self) -> str:
-        return str(CONFIG_DIR / f"{self.name}.toml")
+    def boot_record(self, master: int) -> str:
+        """What *master* booted (release, virtualenv, environment), written by its gunicorn config."""
+        return f"{self.ready_dir}/{master}/boot.json"
 
     @property
-    def gunicorn_config_path(self) -> str:
-        return str(CONFIG_DIR / f"{self.name}.gunicorn.conf.py")
+    def reload_lock(self) -> str:
+        """flock()ed by a single-master reload, so two helpers never swap generations at once."""
+        return f"{self.runtime_dir}/reload.lock"
+
+    @property
+    def boot_request(self) -> str:
+        """The release and environment the reload helper resolved for the master it signals next."""
+        return f"{self.runtime_dir}/boot-request.json"
+
+    @property
+    def generation_path(self) -> str:
+        """The single master's generation counter (STATUS=); the one systemd started is 1."""
+        return f"{self.runtime_dir}/generation"
+
+    # /var/lib/reloader/NAME: reloader's own state, kept across restarts (`reloader install` creates it).
+    @property
+    def state_dir(self) -> str:
+        return str(STATE_DIR / self.name)
+
+    @property
+    def records_path(self) -> str:
+        """The records of the live, previous, refused and proven releases (reloader.releases)."""
+        return f"{self.state_dir}/releases.json"
 
     # --- several instances (strategy blue-green or rolling) ---------------------------------------------
     @property
     def multi_instance(self) -> bool:
-        return self.strategy in MULTI_INSTANCE
+        return self.strategy.multi_instance
 
     @property
     def instance_names(self) -> tuple[str, ...]:
-        if self.strategy == "blue-green":
-            return ("blue", "green")
-        if self.strategy == "rolling":
-            return tuple(str(i) for i in range(1, self.instances + 1))
-        return ()
+        return self.strategy.instance_names(self.instances)
 
     def instance_unit(self, instance: str) -> str:
         return f"{self.name}@{instance}.service"
@@ -207,20 +351,43 @@ class AppConfig:
         return f"{base}-{instance}.sock"
 
     def instance_runtime_dir(self, instance: str) -> str:
+        """An instance's RuntimeDirectory= (``instance`` may be systemd's ``%i`` in a template)."""
         return f"/run/{self.name}-{instance}"
 
+    def instance_pidfile(self, instance: str) -> str:
+        return f"{self.instance_runtime_dir(instance)}/gunicorn.pid"
+
+    def instance_ready_dir(self, instance: str) -> str:
+        return f"{self.instance_runtime_dir(instance)}/ready"
+
     @property
-    def state_dir(self) -> str:
-        return str(STATE_DIR / self.name)
+    def instances_dir(self) -> str:
+        """Holds one symlink per instance naming the release it runs (its WorkingDirectory)."""
+        return f"{self.state_dir}/instances"
 
     def instance_link(self, instance: str) -> str:
         """The symlink naming the release an instance runs (its WorkingDirectory)."""
-        return f"{self.state_dir}/instances/{instance}"
+        return f"{self.instances_dir}/{instance}"
 
     @property
     def upstream_path(self) -> str:
         """The nginx include listing the instances that get traffic (rewritten by reloads)."""
         return f"{self.state_dir}/upstream.conf"
+
+    @property
+    def fleet_state_path(self) -> str:
+        """Which instances are live and the deploy generation (reloader.fleet)."""
+        return f"{self.state_dir}/state.json"
+
+    @property
+    def deploy_lock(self) -> str:
+        """flock()ed by a multi-instance deploy (and by `reloader rollback`, to tell whether one runs)."""
+        return f"{self.state_dir}/lock"
+
+    @property
+    def rollback_request(self) -> str:
+        """Written by `reloader rollback` during a blue-green deploy: its bake switches back."""
+        return f"{self.state_dir}/rollback-request"
 
     @property
     def python(self) -> str:
@@ -283,22 +450,19 @@ class AppConfig:
         return str(Path(self.python).parent)
 
 
-# --- the schema ------------------------------------------------------------------------------------
-_APP_KEYS = {
-    "name", "user", "group", "working_directory", "virtualenv", "gunicorn", "wsgi", "health_path",
-    "environment", "environment_file", "read_write_paths", "state_directory", "cache_directory", "logs_directory",
-    "health_status",
-}
-_GUNICORN_KEYS = {
-    "workers", "worker_class", "threads", "timeout", "graceful_timeout", "preload_app", "socket",
-    "socket_activation", "settings", "config_file", "access_log",
-}
-_RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "instances", "helper",
-                "releases_root", "keep_releases"}
-_NGINX_KEYS = {"server_name", "listen", "client_max_body_size", "static", "proxy_read_timeout", "user"}
-_SETUP_KEYS = {"commands", "timeout"}
-_SECTIONS = {"app": _APP_KEYS, "gunicorn": _GUNICORN_KEYS, "reload": _RELOAD_KEYS, "nginx": _NGINX_KEYS,
-             "setup": _SETUP_KEYS}
+# --- reading -------------------------------------------------------------------------------------------
+def _schema() -> dict[str, dict[str, tuple[str, TomlKey, Any]]]:
+    """section → TOML key → (the field it fills, its :class:`TomlKey`, its default or MISSING), from the fields."""
+    schema: dict[str, dict[str, tuple[str, TomlKey, Any]]] = {}
+    for cls in (AppConfig, NginxConfig, SetupConfig):
+        for f in fields(cls):
+            if "toml" in f.metadata:
+                spec = f.metadata["toml"]
+                schema.setdefault(spec.section, {})[spec.key or f.name] = (f.name, spec, f.default)
+    return schema
+
+
+_SCHEMA = _schema()
 
 
 class _Reader:
@@ -309,16 +473,61 @@ class _Reader:
         if not isinstance(table, dict):
             self.fail(None, f"must be a table ([{section}]), not {type(table).__name__}")
         self.table: dict[str, Any] = table
-        allowed = _SECTIONS[section]
+        self.keys = _SCHEMA[section]
+        #: field name → value, for the dataclass; filled by read() and put().
+        self.values: dict[str, Any] = {}
+        allowed = sorted(self.keys)
         for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, sorted(allowed), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(allowed))}"
+            if key not in self.keys:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
                 self.fail(key, f"unknown key{hint}")
 
     def fail(self, key: str | None, message: str) -> None:
         where = f"[{self.section}] {_printable(key)}" if key else f"[{self.section}]"
         raise ConfigError(f"{self.source}: {where}: {message}")
+
+    def required(self) -> list[str]:
+        """The keys of this section without a default, in declaration order."""
+        return [key for key, (_, _, default) in self.keys.items() if default is MISSING]
+
+    def default(self, key: str) -> Any:
+        """The declared default of *key* (MISSING for a required one)."""
+        return self.keys[key][2]
+
+    def read(self, key: str, default: Any = MISSING) -> Any:
+        """Read *key* as its :class:`TomlKey` says, with its declared default unless *default* is given."""
+        name, spec, declared = self.keys[key]
+        default = declared if default is MISSING else default
+        if spec.kind == "integer":
+            value = self.integer(key, default, int(spec.low), int(spec.high))
+        elif spec.kind == "number":
+            value = self.number(key, default, spec.low, spec.high)
+        elif spec.kind == "boolean":
+            value = self.boolean(key, default)
+        elif spec.kind == "string":
+            value = self.string(key, "" if default is MISSING else default, pattern=spec.pattern,
+                                allowed=spec.allowed)
+        elif spec.kind == "path":
+            value = self.path(key, "" if default is MISSING else default)
+        elif spec.kind == "strings":
+            assert spec.pattern is not None
+            value = self.strings(key, default, spec.pattern, spec.allowed)
+        else:
+            raise AssertionError(f"[{self.section}] {key} is read by parse() itself")
+        return self.put(key, value)
+
+    def put(self, key: str, value: Any) -> Any:
+        """Record *value*, checked by the caller, as the value of *key*; returns it."""
+        self.values[self.keys[key][0]] = value
+        return value
+
+    def rest(self) -> dict[str, Any]:
+        """Read every key not read yet (those parse() needs nothing special for); all the values."""
+        for key, (name, _, _) in self.keys.items():
+            if name not in self.values:
+                self.read(key)
+        return self.values
 
     def has(self, key: str) -> bool:
         return key in self.table
@@ -416,50 +625,80 @@ def load(path: str | Path) -> AppConfig:
 def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     """Validate already-parsed TOML *data*. Separate from :func:`load` so tests can feed dicts."""
     for section in data:
-        if section not in _SECTIONS:
-            close = difflib.get_close_matches(section, sorted(_SECTIONS), n=1)
-            hint = f"; did you mean [{close[0]}]?" if close else f"; known sections: {', '.join(sorted(_SECTIONS))}"
+        if section not in _SCHEMA:
+            close = difflib.get_close_matches(section, sorted(_SCHEMA), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else f"; known sections: {', '.join(sorted(_SCHEMA))}"
             raise ConfigError(f"{source}: [{_printable(section)}]: unknown section{hint}")
     if "app" not in data:
         raise ConfigError(f"{source}: [app]: missing section; it needs at least name, working_directory, "
                           "wsgi and virtualenv (or gunicorn)")
 
     app = _Reader(source, "app", data["app"])
-    for required in ("name", "working_directory", "wsgi"):
+    for required in app.required():
         if not app.has(required):
             app.fail(required, "is required")
-    name = app.string("name", pattern=_NAME,
-                      allowed="use 1-48 lowercase letters, digits, '-' or '_', starting with a letter or digit "
-                      "(it names the systemd unit, the user and /run/NAME)")
-    user = app.string("user", name, pattern=_USER, allowed="a POSIX user name like 'flaskapp'")
+    name = app.read("name")
+    user = app.read("user", name)
     if not _USER.fullmatch(user):
         app.fail("user", f"{user!r} is not a valid user name (it defaults to the app name): set user to a POSIX "
                  "user name like 'flaskapp'")
-    group = app.string("group", user, pattern=_USER, allowed="a POSIX group name like 'flaskapp'")
+    group = app.read("group", user)
     if user == "root" or group == "root":
         app.fail("user" if user == "root" else "group",
                  "the app must not run as root; give it a dedicated user (the default is the app name)")
-    working_directory = app.path("working_directory")
-    virtualenv = app.path("virtualenv")
-    gunicorn = app.path("gunicorn")
-    if bool(virtualenv) == bool(gunicorn):
+    if bool(app.read("virtualenv")) == bool(app.read("gunicorn")):
         app.fail("virtualenv", "set exactly one of virtualenv (the venv holding gunicorn) or gunicorn "
                  "(the path of the gunicorn script)")
-    wsgi = app.string("wsgi", pattern=_WSGI, allowed="use 'module:callable' or 'package.module:create_app()'")
-    health_path = app.string("health_path", "/", pattern=_URL_PATH,
-                             allowed="an absolute URL path such as '/health' (no spaces or quotes)")
-    environment = _environment(app)
-    environment_file = app.path("environment_file")
+    app.put("environment", _environment(app))
+    _writable(app)
+    app.put("health_status", _health_status(app))
+    # Each section's remaining keys need only their own declared check: rest() reads them.
+    values = app.rest()
 
     gun = _Reader(source, "gunicorn", data.get("gunicorn", {}))
-    workers = gun.integer("workers", 2, 1, 512)
-    worker_class = gun.string("worker_class", "sync", pattern=_WORKER_CLASS,
-                              allowed="a gunicorn worker class like 'sync', 'gthread' or 'gevent'")
-    threads = gun.integer("threads", 1, 1, 1024)
-    timeout = gun.integer("timeout", 30, 1, 86400)
-    graceful_timeout = gun.integer("graceful_timeout", 30, 1, 86400)
-    preload_app = gun.boolean("preload_app", False)
-    socket_activation = gun.boolean("socket_activation", True)
+    preload_app = gun.read("preload_app")
+    socket_activation = gun.read("socket_activation")
+    socket = gun.put("socket", _socket(gun, name, socket_activation))
+    gun.put("settings", _gunicorn_settings(gun))
+    config_file = gun.read("config_file")
+    if config_file and not config_file.endswith(".py"):
+        gun.fail("config_file", f"{config_file!r} must be a gunicorn config file ending in .py")
+    values.update(gun.rest())
+
+    rel = _Reader(source, "reload", data.get("reload", {}))
+    name_of_strategy = rel.string("strategy", rel.default("strategy"))
+    if name_of_strategy not in STRATEGIES:
+        rel.fail("strategy", f"{name_of_strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
+    strategy = rel.put("strategy", Strategy(name_of_strategy))
+    if strategy.keeps_master and preload_app:
+        rel.fail("strategy", f"{strategy.value!r} with [gunicorn] preload_app = true never deploys new code (the "
+                 "master keeps the old import); use strategy = \"generation\" or turn preload_app off")
+    if strategy.multi_instance and not socket_activation:
+        rel.fail("strategy", f"{strategy.value!r} needs [gunicorn] socket_activation = true (each instance gets "
+                 "its own socket unit)")
+    instances = rel.read("instances")
+    if rel.has("instances") and strategy is not Strategy.ROLLING:
+        rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
+    if strategy.multi_instance and len(f"{socket}-{instances}".encode()) > 107:
+        gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
+    rel.read("helper", default_helper())
+    releases_root = rel.read("releases_root")
+    if releases_root == "/":
+        rel.fail("releases_root", "refusing '/' as the releases root (keep_releases prunes in it); use e.g. "
+                 f"/srv/{name}/releases")
+    rel.put("releases_root", releases_root.rstrip("/"))
+    values.update(rel.rest())
+
+    nginx = _nginx(_Reader(source, "nginx", data.get("nginx", {})))
+    setup = _setup(_Reader(source, "setup", data.get("setup", {})))
+    if setup.commands and not strategy.setup_commands:
+        raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy.value!r} yet (its "
+                          "controller is not sandboxed as the app); run them from your deploy script, or use "
+                          "strategy \"generation\"")
+    return AppConfig(source=source, **values, nginx=nginx, setup=setup)
+
+
+def _socket(gun: _Reader, name: str, socket_activation: bool) -> str:
     if socket_activation:
         socket = gun.path("socket", f"/run/{name}.sock")
         if socket == f"/run/{name}" or socket.startswith(f"/run/{name}/"):
@@ -472,62 +711,11 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         if not socket.startswith(f"/run/{name}/"):
             gun.fail("socket", f"must be inside /run/{name}/ when socket_activation = false (gunicorn creates "
                      "it as the app user there); or enable socket_activation")
-
     if socket.endswith("/"):
         gun.fail("socket", f"{socket!r} must name a socket file, not a directory")
     if len(socket.encode()) > 107:
         gun.fail("socket", f"{socket!r} is longer than the 107 bytes a unix socket path may have")
-
-    rel = _Reader(source, "reload", data.get("reload", {}))
-    strategy = rel.string("strategy", "generation")
-    if strategy not in STRATEGIES:
-        rel.fail("strategy", f"{strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
-    if strategy == "hup" and preload_app:
-        rel.fail("strategy", "'hup' with [gunicorn] preload_app = true never deploys new code (the master keeps "
-                 "the old import); use strategy = \"generation\" or turn preload_app off")
-    if strategy in MULTI_INSTANCE and not socket_activation:
-        rel.fail("strategy", f"{strategy!r} needs [gunicorn] socket_activation = true (each instance gets its "
-                 "own socket unit)")
-    instances = rel.integer("instances", 3, 2, 32)
-    if rel.has("instances") and strategy != "rolling":
-        rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
-    if strategy in MULTI_INSTANCE and len(f"{socket}-{instances}".encode()) > 107:
-        gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
-    preflight_timeout = rel.integer("preflight_timeout", 60, 1, 3600)
-    ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
-    bake_seconds = rel.number("bake_seconds", 2.0, 0, 3600)
-    helper = rel.path("helper", default_helper())
-    releases_root = rel.path("releases_root")
-    if releases_root == "/":
-        rel.fail("releases_root", "refusing '/' as the releases root (keep_releases prunes in it); use e.g. "
-                 f"/srv/{name}/releases")
-    keep_releases = rel.integer("keep_releases", 5, 2, 1000)
-
-    nginx = _nginx(_Reader(source, "nginx", data.get("nginx", {})))
-    writable = _writable(app)
-    health_status = _health_status(app)
-    settings = _gunicorn_settings(gun, socket_activation)
-    config_file = gun.path("config_file")
-    if config_file and not config_file.endswith(".py"):
-        gun.fail("config_file", f"{config_file!r} must be a gunicorn config file ending in .py")
-    access_log = gun.boolean("access_log", True)
-    setup = _setup(_Reader(source, "setup", data.get("setup", {})))
-    if setup.commands and strategy in MULTI_INSTANCE:
-        raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy!r} yet (its "
-                          "controller is not sandboxed as the app); run them from your deploy script, or use "
-                          "strategy \"generation\"")
-
-    return AppConfig(
-        name=name, source=source, user=user, group=group, working_directory=working_directory,
-        virtualenv=virtualenv, gunicorn=gunicorn, wsgi=wsgi, workers=workers, worker_class=worker_class,
-        threads=threads, timeout=timeout, graceful_timeout=graceful_timeout, preload_app=preload_app,
-        socket=socket, socket_activation=socket_activation, health_path=health_path, environment=environment,
-        environment_file=environment_file, strategy=strategy, preflight_timeout=preflight_timeout,
-        ready_timeout=ready_timeout, bake_seconds=bake_seconds, instances=instances, helper=helper, nginx=nginx,
-        **writable, health_status=health_status, setup=setup, gunicorn_settings=settings,
-        gunicorn_config_file=config_file, access_log=access_log,
-        releases_root=releases_root.rstrip("/"), keep_releases=keep_releases,
-    )
+    return socket
 
 
 def default_helper() -> str:
@@ -542,21 +730,18 @@ def default_helper() -> str:
     return DEB_HELPER
 
 
-def _writable(app: _Reader) -> dict[str, Any]:
+def _writable(app: _Reader) -> None:
+    """What the sandbox lets the app write: read_write_paths and the systemd-managed directories."""
     paths = app.strings("read_write_paths", (), _ANY, "directories must be absolute paths without control characters")
     for path in paths:
         app.check_path("read_write_paths", path)
         if path == "/" or path in ("/etc", "/usr", "/boot", "/proc", "/sys", "/dev"):
             app.fail("read_write_paths", f"refusing to make {path!r} writable; name the app's own data directory")
-    out: dict[str, Any] = {"read_write_paths": paths}
-    for key, base in (("state_directory", "/var/lib"), ("cache_directory", "/var/cache"),
-                      ("logs_directory", "/var/log")):
-        value = app.string(key, "", pattern=_SD_DIRECTORY,
-                           allowed=f"a directory name relative to {base}, like 'myapp' (letters, digits, '._-', '/')")
+    app.put("read_write_paths", paths)
+    for key in ("state_directory", "cache_directory", "logs_directory"):
+        value = app.read(key)
         if any(part in (".", "..") for part in value.split("/")):
             app.fail(key, f"{value!r} must be normalized (no '.' or '..' components)")
-        out[key] = value
-    return out
 
 
 def _health_status(app: _Reader) -> tuple[int, int]:
@@ -572,7 +757,7 @@ def _health_status(app: _Reader) -> tuple[int, int]:
     return (low, high)
 
 
-def _gunicorn_settings(gun: _Reader, socket_activation: bool) -> tuple[tuple[str, Any], ...]:
+def _gunicorn_settings(gun: _Reader) -> tuple[tuple[str, Any], ...]:
     out = []
     for name, value in gun.mapping("settings").items():
         where = f"settings.{name}"
@@ -618,8 +803,8 @@ def _setup(setup: _Reader) -> SetupConfig:
         if not words:
             setup.fail("commands", "an empty command line")
         commands.append(tuple(words))
-    timeout = setup.integer("timeout", 300, 1, 86400)
-    return SetupConfig(commands=tuple(commands), timeout=timeout)
+    setup.put("commands", tuple(commands))
+    return SetupConfig(**setup.rest())
 
 
 def _environment(app: _Reader) -> tuple[tuple[str, str], ...]:
@@ -638,14 +823,12 @@ def _environment(app: _Reader) -> tuple[tuple[str, str], ...]:
 
 
 def _nginx(ngx: _Reader) -> NginxConfig:
-    server_name = ngx.strings("server_name", ("_",), _SERVER_NAME,
-                              "server names may only use letters, digits, '.', '-', '_' and a leading '*.'")
-    listen = ngx.strings("listen", ("80",), _LISTEN, "use a port ('80'), 'ADDRESS:PORT' or '[IPV6]:PORT'")
-    for item in listen:
+    ngx.read("server_name")
+    for item in ngx.read("listen"):
         port = int(item.rsplit(":", 1)[-1])
         if not 1 <= port <= 65535:
             ngx.fail("listen", f"{item!r}: port {port} is out of range 1..65535")
-    size = ngx.string("client_max_body_size", "10m", pattern=_SIZE, allowed="a size like '10m', '512k' or '0'")
+    ngx.read("client_max_body_size")
     static = []
     for location, directory in ngx.mapping("static").items():
         where = f"static.{location}"
@@ -662,7 +845,5 @@ def _nginx(ngx: _Reader) -> NginxConfig:
         if location.endswith("/") != directory.endswith("/"):
             directory = directory.rstrip("/") + "/" if location.endswith("/") else directory.rstrip("/")
         static.append((location, directory))
-    proxy_read_timeout = ngx.integer("proxy_read_timeout", 60, 1, 86400)
-    user = ngx.string("user", "www-data", pattern=_USER, allowed="the user nginx's workers run as")
-    return NginxConfig(server_name=server_name, listen=listen, client_max_body_size=size,
-                       static=tuple(static), proxy_read_timeout=proxy_read_timeout, user=user)
+    ngx.put("static", tuple(static))
+    return NginxConfig(**ngx.rest())

@@ -289,7 +289,7 @@ def _check_environment(app: AppConfig, main_pid: int) -> None:
     booted = releases.booted(app, main_pid)
     if not booted:
         raise Failed(f"{app.name}: cannot tell which environment master {main_pid} runs with (no "
-                     f"{app.ready_dir}/{main_pid}/boot.json); run `systemctl restart {app.service}`")
+                     f"{app.boot_record(main_pid)}); run `systemctl restart {app.service}`")
     expected = dict(app.environment)
     if app.environment_file:
         expected.update(_read_environment_file(app.environment_file))

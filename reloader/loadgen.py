@@ -300,7 +300,9 @@ class LatencySummary:
 
 @dataclass
 class RequestStats:
-    """Counts for a set of requests.  ``failures`` maps outcome kind to count (never includes ``ok``)."""
+    """The one tally of request outcomes: the live counters of a run, each side of a :class:`Snapshot`
+    and a :class:`Report`, and the stats of any time window.  ``failures`` maps outcome kind to count
+    (never includes ``ok``); ``latency`` is summarised from records (see :meth:`from_records`)."""
 
     total: int = 0
     ok: int = 0
@@ -335,6 +337,10 @@ class RequestStats:
         if rec.version is not None:
             self.versions[rec.version] = self.versions.get(rec.version, 0) + 1
 
+    def counts(self) -> RequestStats:
+        """A copy of the counters without the latency (a snapshot that later requests do not change)."""
+        return RequestStats(self.total, self.ok, dict(self.failures), self.keepalive_retries, dict(self.versions))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
@@ -347,30 +353,60 @@ class RequestStats:
         }
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Thread-safe point-in-time counters of a running generator (cheap; no latency math)."""
+def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
-    total: int
-    ok: int
-    failures: dict[str, int]
-    keepalive_retries: int
-    versions: dict[str, int]
-    in_flight: int
-    elapsed: float
-    long_total: int
-    long_ok: int
+
+class _RegularAndLong:
+    """Counts over every request, from the ``regular`` and ``long`` :class:`RequestStats` a run keeps
+    apart (long requests would skew the regular latency), so ``failed == 0`` covers both."""
+
+    regular: RequestStats
+    long: RequestStats
+
+    @property
+    def total(self) -> int:
+        return self.regular.total + self.long.total
+
+    @property
+    def ok(self) -> int:
+        return self.regular.ok + self.long.ok
+
+    @property
+    def failures(self) -> dict[str, int]:
+        return _merge(self.regular.failures, self.long.failures)
 
     @property
     def failed(self) -> int:
-        return sum(self.failures.values())
+        return self.regular.failed + self.long.failed
+
+    @property
+    def keepalive_retries(self) -> int:
+        return self.regular.keepalive_retries + self.long.keepalive_retries
+
+    @property
+    def versions(self) -> dict[str, int]:
+        return _merge(self.regular.versions, self.long.versions)
+
+
+@dataclass(frozen=True)
+class Snapshot(_RegularAndLong):
+    """Point-in-time counters of a running generator (cheap; no latency math)."""
+
+    regular: RequestStats
+    long: RequestStats
+    in_flight: int
+    elapsed: float
 
 
 _WHICH = ("all", "regular", "long")
 
 
 @dataclass
-class Report:
+class Report(_RegularAndLong):
     """Final result of a run.
 
     ``total``/``ok``/``failures`` cover *every* request, regular and long, so ``failed == 0`` really
@@ -384,22 +420,26 @@ class Report:
     started: float
     ended: float
     started_wall: float
-    total: int
-    ok: int
-    failures: dict[str, int]
-    keepalive_retries: int
     strict_keepalive: bool
-    latency: LatencySummary
     regular: RequestStats
     long: RequestStats
-    versions: dict[str, int]
     marks: list[tuple[str, float]]
     records_dropped: int = 0
     records: list[Record] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def from_records(cls, records: list[Record], *, url: str = "", started: float = 0.0, ended: float = 0.0,
+                     marks: Sequence[tuple[str, float]] = (), config: dict[str, Any] | None = None) -> Report:
+        """A report of *records* alone (e.g. saved with ``--records``, or built by a test)."""
+        return cls(url=url, config=dict(config or {}), started=started, ended=ended, started_wall=0.0,
+                   strict_keepalive=bool((config or {}).get("strict_keepalive")),
+                   regular=RequestStats.from_records(r for r in records if not r.long),
+                   long=RequestStats.from_records(r for r in records if r.long), marks=list(marks),
+                   records=list(records))
+
     @property
-    def failed(self) -> int:
-        return sum(self.failures.values())
+    def latency(self) -> LatencySummary:
+        return self.regular.latency
 
     @property
     def duration(self) -> float:
@@ -419,7 +459,13 @@ class Report:
         Use with :meth:`mark` timestamps, e.g. ``report.window(report.mark_time("reload-start"), ...)``.
         ``which`` selects "all", "regular" or "long" requests (mixing them skews latency percentiles).
         """
-        return RequestStats.from_records(r for r in self._select(which) if start <= r.start <= end)
+        return self.windows([(start, end)], which)
+
+    def windows(self, spans: Iterable[tuple[float, float]], which: str = "all") -> RequestStats:
+        """Stats for requests that started within any of *spans* (e.g. every reload of a run)."""
+        spans = list(spans)
+        return RequestStats.from_records(r for r in self._select(which)
+                                         if any(start <= r.start <= end for start, end in spans))
 
     def first_seen(self, version: str, after: float = float("-inf"), which: str = "all") -> float | None:
         """Monotonic time the first response carrying ``version`` *completed* at or after ``after``."""
@@ -436,6 +482,29 @@ class Report:
         seen = self.first_seen(version, after=after)
         return None if seen is None else seen - after
 
+    @property
+    def exposes_version(self) -> bool:
+        """Some response named the version it was served by (header or JSON ``"version"``)."""
+        return any(r.version is not None for r in self.records)
+
+    def version_before(self, t: float) -> str | None:
+        """The version of the last successful response that completed at or before *t*."""
+        best: Record | None = None
+        for r in self.records:
+            if r.ok and r.version is not None and r.end <= t and (best is None or r.end > best.end):
+                best = r
+        return None if best is None else best.version
+
+    def first_other_version(self, old: str | None, after: float) -> tuple[str, float] | None:
+        """(version, completion time) of the first successful response completed at or after *after*
+        whose version is not *old*: when a deploy's new code first answered."""
+        best: Record | None = None
+        for r in self.records:
+            if (r.ok and r.version is not None and r.version != old and r.end >= after
+                    and (best is None or r.end < best.end)):
+                best = r
+        return None if best is None or best.version is None else (best.version, best.end)
+
     def mark_time(self, label: str, last: bool = False) -> float | None:
         """Timestamp of the first (or last) mark with ``label``."""
         times = [t for name, t in self.marks if name == label]
@@ -446,6 +515,12 @@ class Report:
     def failure_records(self, limit: int | None = None) -> list[Record]:
         failed = [r for r in self.records if r.kind != OK]
         return failed if limit is None else failed[:limit]
+
+    def first_failures(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The first failed requests, for a report: when (seconds after the start), how long, what."""
+        return [{"start_rel": round(r.start - self.started, 6), "latency_ms": round(r.latency * 1000, 3),
+                 "kind": r.kind, "long": r.long, "status": r.status}
+                for r in self.failure_records(limit=limit)]
 
     def to_dict(self, include_records: bool = False) -> dict[str, Any]:
         rel = self.started
@@ -477,11 +552,7 @@ class Report:
             },
             "marks": [{"label": name, "t": ts, "rel": t(ts)} for name, ts in self.marks],
             "records_dropped": self.records_dropped,
-            "first_failures": [
-                {"start_rel": t(r.start), "latency_ms": round(r.latency * 1000, 3), "kind": r.kind,
-                 "long": r.long, "status": r.status}
-                for r in self.failure_records(limit=50)
-            ],
+            "first_failures": self.first_failures(50),
             "summary": self.summary_line(),
         }
         if include_records:
@@ -524,13 +595,6 @@ class Report:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = out.get(k, 0) + v
-    return out
-
-
 class LoadGenerator:
     """Runs worker threads against ``config.url`` and collects every outcome.
 
@@ -548,7 +612,8 @@ class LoadGenerator:
         self._threads: list[threading.Thread] = []
         self._records: list[Record] = []
         self._dropped = 0
-        self._counters = {"regular": RequestStats(), "long": RequestStats()}
+        # The authoritative counts (they survive record truncation); latency comes from the records.
+        self._regular, self._long = RequestStats(), RequestStats()
         self._in_flight = 0
         self._marks: list[tuple[str, float]] = []
         self._started: float | None = None
@@ -591,17 +656,11 @@ class LoadGenerator:
     def snapshot(self) -> Snapshot:
         """Counters so far; safe to call from any thread while running."""
         with self._lock:
-            reg, lng = self._counters["regular"], self._counters["long"]
             return Snapshot(
-                total=reg.total + lng.total,
-                ok=reg.ok + lng.ok,
-                failures=_merge(reg.failures, lng.failures),
-                keepalive_retries=reg.keepalive_retries + lng.keepalive_retries,
-                versions=_merge(reg.versions, lng.versions),
+                regular=self._regular.counts(),
+                long=self._long.counts(),
                 in_flight=self._in_flight,
                 elapsed=0.0 if self._started is None else time.monotonic() - self._started,
-                long_total=lng.total,
-                long_ok=lng.ok,
             )
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -680,7 +739,7 @@ class LoadGenerator:
             self._in_flight -= 1
             if self._closed:  # finished after the report was built; it was counted as "unfinished"
                 return
-            self._counters["long" if rec.long else "regular"].add(rec)
+            (self._long if rec.long else self._regular).add(rec)
             if len(self._records) < self.config.max_records:
                 self._records.append(rec)
             else:
@@ -741,12 +800,9 @@ class LoadGenerator:
 
     def _build_report(self, ended: float) -> Report:
         assert self._started is not None
-        reg = RequestStats.from_records(r for r in self._records if not r.long)
-        lng = RequestStats.from_records(r for r in self._records if r.long)
-        # Counters are authoritative (they survive record truncation); only latency comes from records.
-        for stats, c in ((reg, self._counters["regular"]), (lng, self._counters["long"])):
-            stats.total, stats.ok, stats.keepalive_retries = c.total, c.ok, c.keepalive_retries
-            stats.failures, stats.versions = dict(c.failures), dict(c.versions)
+        reg, lng = self._regular.counts(), self._long.counts()
+        reg.latency = LatencySummary.from_seconds(r.latency for r in self._records if not r.long)
+        lng.latency = LatencySummary.from_seconds(r.latency for r in self._records if r.long)
         unfinished = self._in_flight
         if unfinished:
             reg.failures["unfinished"] = reg.failures.get("unfinished", 0) + unfinished
@@ -757,15 +813,9 @@ class LoadGenerator:
             started=self._started,
             ended=ended,
             started_wall=self._started_wall,
-            total=reg.total + lng.total,
-            ok=reg.ok + lng.ok,
-            failures=_merge(reg.failures, lng.failures),
-            keepalive_retries=reg.keepalive_retries + lng.keepalive_retries,
             strict_keepalive=self.config.strict_keepalive,
-            latency=reg.latency,
             regular=reg,
             long=lng,
-            versions=_merge(reg.versions, lng.versions),
             marks=list(self._marks),
             records_dropped=self._dropped,
             records=list(self._records),

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from .config import AppConfig
 
-RECORDS = "releases.json"
 #: systemd's per-process variables: a new master keeps the ones the old master was started with
 #: (its journal stream, socket hand-over, notify socket), not those of the ExecReload= process.
 PER_PROCESS_ENV = ("MAINPID", "SYSTEMD_EXEC_PID", "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID",
@@ -70,7 +69,7 @@ class Records:
 
 # --- reading --------------------------------------------------------------------------------------------
 def records_path(app: AppConfig) -> Path:
-    return Path(app.state_dir) / RECORDS
+    return Path(app.records_path)
 
 
 def read(app: AppConfig) -> Records:
@@ -150,7 +149,7 @@ def _save(app: AppConfig, records: Records) -> None:
     data = {"live": asdict(records.live) if records.live else None,
             "previous": asdict(records.previous) if records.previous else None,
             "refused": {d: asdict(r) for d, r in records.refused.items()}, "proven": list(records.proven)}
-    write_atomic(state / RECORDS, json.dumps(data, indent=2) + "\n", 0o644)
+    write_atomic(records_path(app), json.dumps(data, indent=2) + "\n", 0o644)
     for name, entry in (("live", records.live), ("previous", records.previous)):
         link = state / name
         if entry is None:
@@ -178,7 +177,7 @@ def write_atomic(path: Path, content: str, mode: int) -> None:
 
 # --- the next master's boot --------------------------------------------------------------------------
 def boot_request_path(app: AppConfig) -> Path:
-    return Path(app.runtime_dir) / "boot-request.json"
+    return Path(app.boot_request)
 
 
 def write_boot_request(app: AppConfig, master: int, release: Release, environ: dict[str, str]) -> None:
@@ -201,7 +200,7 @@ def clear_boot_request(app: AppConfig) -> None:
 def booted(app: AppConfig, master: int) -> dict:
     """What *master* booted, as its gunicorn config recorded it: {"release", "virtualenv", "environ"}."""
     try:
-        return json.loads((Path(app.ready_dir) / str(master) / "boot.json").read_text())
+        return json.loads(Path(app.boot_record(master)).read_text())
     except (OSError, ValueError):
         return {}
 

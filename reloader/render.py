@@ -128,7 +128,7 @@ def static_locations(app: AppConfig) -> list[tuple[str, str, str, str]]:
 
 def initial_live(app: AppConfig) -> tuple[str, ...]:
     """Instances serving right after install: blue for blue-green, all of them when rolling."""
-    return app.instance_names[:1] if app.strategy == "blue-green" else app.instance_names
+    return app.instance_names[:1] if app.strategy.one_live_instance else app.instance_names
 
 
 def upstream(app: AppConfig, live: tuple[str, ...], down: tuple[str, ...] = ()) -> str:

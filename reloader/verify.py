@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Failed
-from .loadgen import LatencySummary, LoadConfig, LoadGenerator, Record, Report
+from .loadgen import LoadConfig, LoadGenerator, Report
 from .probe import target_of, url_status
 
 #: Requests that start within this many seconds of the load starting are not part of the baseline
@@ -68,69 +68,37 @@ class ReloadResult:
         }
 
 
-def _latency(records: list[Record]) -> dict[str, Any]:
-    return LatencySummary.from_seconds(r.latency for r in records).to_dict()
-
-
-def _window_stats(records: list[Record], start: float, end: float) -> dict[str, Any]:
-    inside = [r for r in records if start <= r.start <= end]
-    failures: dict[str, int] = {}
-    for r in inside:
-        if not r.ok:
-            failures[r.kind] = failures.get(r.kind, 0) + 1
-    regular = [r for r in inside if not r.long]
-    seconds = max(end - start, 1e-9)
+def _window(report: Report, start: float, end: float) -> dict[str, Any]:
+    """One reload's window: every request that started in it; rate and latency of the regular ones."""
+    every, regular = report.window(start, end), report.window(start, end, "regular")
     return {
-        "requests": len(inside), "failed": sum(failures.values()), "failures": dict(sorted(failures.items())),
-        "keepalive_retries": sum(1 for r in inside if r.keepalive_retry),
-        "requests_per_s": round(len(regular) / seconds, 1), "latency_ms": _latency(regular),
+        "requests": every.total, "failed": every.failed, "failures": dict(sorted(every.failures.items())),
+        "keepalive_retries": every.keepalive_retries,
+        "requests_per_s": round(regular.total / max(end - start, 1e-9), 1), "latency_ms": regular.latency.to_dict(),
     }
-
-
-def _version_before(records: list[Record], t: float) -> str | None:
-    """The version of the last successful response that completed before *t*."""
-    best: Record | None = None
-    for r in records:
-        if r.ok and r.version is not None and r.end <= t and (best is None or r.end > best.end):
-            best = r
-    return None if best is None else best.version
-
-
-def _first_other_version(records: list[Record], old: str | None, after: float) -> tuple[str, float] | None:
-    """(version, completion time) of the first successful response after *after* whose version != *old*."""
-    best: Record | None = None
-    for r in records:
-        if (r.ok and r.version is not None and r.version != old and r.end >= after
-                and (best is None or r.end < best.end)):
-            best = r
-    return None if best is None else (best.version or "", best.end)
 
 
 def analyse(report: Report, reloads: list[ReloadResult], baseline: tuple[float, float]) -> dict[str, Any]:
     """Fill in each reload's window and version timing; return the whole verdict as a dict."""
-    records = report.records
-    exposes_version = any(r.version is not None for r in records)
-    during: list[Record] = []
-    during_seconds = 0.0
+    exposes_version = report.exposes_version
     for i, rl in enumerate(reloads):
-        rl.window = _window_stats(records, rl.start, rl.end)
-        during += [r for r in records if rl.start <= r.start <= rl.end and not r.long]
-        during_seconds += rl.seconds
+        rl.window = _window(report, rl.start, rl.end)
         if not exposes_version:
             rl.version_note = "n/a (the app exposes no version)"
             continue
-        rl.old_version = _version_before(records, rl.start)
+        rl.old_version = report.version_before(rl.start)
         # A new version must show up before the next reload starts (or the load ends).
         limit = reloads[i + 1].start if i + 1 < len(reloads) else report.ended
-        seen = _first_other_version(records, rl.old_version, rl.start)
+        seen = report.first_other_version(rl.old_version, rl.start)
         if seen is not None and seen[1] <= limit:
             rl.new_version, t = seen
             rl.time_to_new_version = t - rl.start
             rl.version_note = f"{rl.old_version} -> {rl.new_version}"
         else:
             rl.version_note = f"unchanged ({rl.old_version}): nothing new shipped, or the reload failed"
-    base = [r for r in records if baseline[0] <= r.start <= baseline[1] and not r.long]
-    base_seconds = max(baseline[1] - baseline[0], 1e-9)
+    base = report.window(*baseline, "regular")
+    during = report.windows(((rl.start, rl.end) for rl in reloads), "regular")
+    during_seconds = sum(rl.seconds for rl in reloads)
     failed_reloads = [rl.n for rl in reloads if not rl.ok]
     doc = {
         "url": report.url,
@@ -143,15 +111,15 @@ def analyse(report: Report, reloads: list[ReloadResult], baseline: tuple[float, 
         "long": {"total": report.long.total, "failed": report.long.failed},
         "versions": dict(sorted(report.versions.items())),
         "exposes_version": exposes_version,
-        "steady": {"requests_per_s": round(len(base) / base_seconds, 1), "latency_ms": _latency(base)},
-        "during_reloads": {"requests_per_s": round(len(during) / during_seconds, 1) if during_seconds else None,
-                           "latency_ms": _latency(during)},
+        "steady": {"requests_per_s": round(base.total / max(baseline[1] - baseline[0], 1e-9), 1),
+                   "latency_ms": base.latency.to_dict()},
+        "during_reloads": {"requests_per_s": round(during.total / during_seconds, 1) if during_seconds else None,
+                           "latency_ms": during.latency.to_dict()},
         "reloads": [rl.to_dict() for rl in reloads],
         "reloads_ok": sum(1 for rl in reloads if rl.ok),
         "reloads_failed": failed_reloads,
-        "first_failures": report.to_dict()["first_failures"][:20],
+        "first_failures": report.first_failures(20),
     }
-    doc["ok"] = report.ok
     doc["passed"] = report.failed == 0 and not failed_reloads and report.total > 0
     return doc
 
@@ -266,7 +234,7 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
             report = gen.stop()
             progress.done()
     doc = analyse(report, reloads, baseline)
-    doc.update({"app": app.name, "unit": app.service, "strategy": app.strategy, "host": host,
+    doc.update({"app": app.name, "unit": app.service, "strategy": app.strategy.value, "host": host,
                 "path": path, "long_path": long_path, "reloads_requested": args.reloads})
     return doc
 

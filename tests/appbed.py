@@ -17,7 +17,27 @@ from dataclasses import dataclass
 import testbed
 
 APP_SRC = "/src/examples/flaskapp/app.py"
+EXAMPLE = "/src/examples/flaskapp.toml"
 HOST = "flaskapp.example"
+
+#: Releases that must be refused, each with the reason `STATUS=` names: kind → (app.py, reason). Shared by
+#: the tests of every strategy (a test bed fixture, not a test module's constant). The hanging import's
+#: reason holds for a config with ``preflight_timeout = 5`` (BROKEN_PREFLIGHT_TIMEOUT).
+BROKEN_PREFLIGHT_TIMEOUT = "preflight_timeout = 5"
+BROKEN = {
+    "import error": ("import nosuchmodule\n", "ModuleNotFoundError: No module named 'nosuchmodule' (app.py:1)"),
+    "syntax error": ("from flask import Flask\napp = Flask(__name__\n", "SyntaxError"),
+    "missing callable": ("from flask import Flask\napplication = Flask(__name__)\n", "has no attribute 'app'"),
+    "exception creating the app": (
+        "from flask import Flask\n\ndef make():\n    raise RuntimeError('no database configured')\n\napp = make()\n",
+        "RuntimeError: no database configured (app.py:4)"),
+    "hanging import": ("import time\ntime.sleep(3600)\n", "pre-flight timed out after 5 s"),
+    "health path answers 500": (
+        "from flask import Flask\napp = Flask(__name__)\n\n@app.get('/health')\ndef health():\n"
+        "    return 'db down', 500\n", "/health answered 500"),
+}
+#: The simplest of them: the release's app.py fails to import.
+IMPORT_ERROR = BROKEN["import error"][0]
 
 #: Installs reloader inside the container from the bind-mounted checkout, like the .deb's /usr/bin/reloader.
 WRAPPER = """#!/bin/sh
@@ -34,6 +54,54 @@ if sys.argv[1].endswith(".service"):
     for k in ("MainPID", "ControlPID", "StatusText", "Result", "ReloadResult", "NRestarts"):
         out[k] = d(getattr(u.Service, k))
 print(json.dumps(out))
+"""
+
+
+_ALIVE = """
+import json, os, sys, time
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+def ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError):
+        return 0
+"""
+
+_READY_WORKERS = _ALIVE + """
+ready, master = sys.argv[1], int(sys.argv[2])
+try:
+    names = os.listdir(ready)
+except OSError:
+    names = []
+pids = [int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()]
+print(json.dumps(sorted(p for p in pids if alive(p) and ppid(p) == master)))
+"""
+
+_WATCH_MASTERS = _ALIVE + """
+ready, out, stop = sys.argv[1:4]
+seen = None
+with open(out, "w") as f:
+    while True:
+        done = os.path.exists(stop)
+        try:
+            names = os.listdir(ready)
+        except OSError:
+            names = []
+        masters = sorted(int(n) for n in names
+                         if n.isdigit() and os.path.exists(f"{ready}/{n}/master") and alive(int(n)))
+        if masters != seen:
+            f.write(json.dumps([time.monotonic(), masters]) + "\\n")
+            f.flush()
+            seen = masters
+        if done:
+            break
+        time.sleep(0.05)
 """
 
 
@@ -54,14 +122,17 @@ class App:
         self.release = 0
 
     # --- set-up -----------------------------------------------------------------------------------------
-    def install(self, config: str = "/src/examples/flaskapp.toml", *flags: str, wrapper: bool = True,
+    def install(self, config: str = EXAMPLE, *flags: str, wrapper: bool = True, check: bool = True,
                 **release: str) -> subprocess.CompletedProcess:
-        """*wrapper*: write /usr/bin/reloader running the checkout; False when a .deb installed it."""
+        """Ship release 1 (*release*: :meth:`ship`'s arguments) and run `reloader install CONFIG FLAGS`.
+
+        *wrapper*: write /usr/bin/reloader running the checkout; False when a .deb installed it.
+        *check*: raise when install fails; False for a test of a failing install."""
         if wrapper:
             self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
         self.c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
         self.ship(**release)
-        return self.c.run(["reloader", "install", config, *flags], timeout=240)
+        return self.c.run(["reloader", "install", config, *flags], timeout=240, check=check)
 
     def ship(self, version: str | None = None, *, code: str | None = None, extra: str = "",
              files: dict[str, str] | None = None) -> int:
@@ -85,9 +156,10 @@ class App:
         self.c.run(f"ln -sfn {d} /srv/flaskapp/current.new && mv -T /srv/flaskapp/current.new /srv/flaskapp/current")
         return n
 
-    def variant(self, gunicorn: str = "", reload: str = "", path: str = "/root/flaskapp.toml",
-                base: str = "/src/examples/flaskapp.toml") -> str:
-        """Write the example config with extra lines in [gunicorn] / [reload]; returns its path."""
+    def variant(self, gunicorn: str = "", reload: str = "", setup: str = "", path: str = "/root/flaskapp.toml",
+                base: str = EXAMPLE) -> str:
+        """Write the example config with extra lines in [gunicorn] / [reload] and a [setup] section of
+        *setup*'s lines; returns its path."""
         text = self.c.read_file(base)
         for line in (gunicorn + "\n" + reload).splitlines():  # a key given here replaces the example's
             if "=" in line:
@@ -98,6 +170,8 @@ class App:
             text = text.replace("[reload]\n", f"[reload]\n{reload}\n")
         elif reload:
             text += f"\n[reload]\n{reload}\n"
+        if setup:
+            text += f"\n[setup]\n{setup}\n"
         self.c.write_file(path, text)
         return path
 
@@ -115,6 +189,31 @@ class App:
                 parent[pid] = int(stat.rpartition(")")[2].split()[1])
         has_children = set(parent.values())
         return sorted(p for p, pp in parent.items() if pp not in pids or p in has_children)
+
+    def ready_workers(self, master: int) -> list[int]:
+        """Live workers of *master* that have loaded the app: the ready markers the gunicorn config's
+        post_worker_init hook writes (runtime_dir/ready/MASTER/worker-PID), checked against /proc."""
+        r = self.c.run(["python3", "-c", _READY_WORKERS, f"/run/{self.name}/ready/{master}", str(master)])
+        return json.loads(r.stdout)
+
+    def start_master_watch(self, out: str = "/run/masters.jsonl", stop: str = "/run/masters.stop"
+                           ) -> subprocess.Popen:
+        """Sample the app's live gunicorn masters (ready markers, see :meth:`ready_workers`) every 50 ms
+        inside the container until :meth:`stop_master_watch`, which returns each change as
+        ``(CLOCK_MONOTONIC seconds, [master PIDs])``; the container shares the host's monotonic clock."""
+        self.c.run(["rm", "-f", out, stop])
+        return self.c.popen(["python3", "-c", _WATCH_MASTERS, f"/run/{self.name}/ready", out, stop],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop_master_watch(self, p: subprocess.Popen, out: str = "/run/masters.jsonl",
+                          stop: str = "/run/masters.stop") -> list[tuple[float, list[int]]]:
+        self.c.run(["touch", stop])
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+        return [tuple(json.loads(line)) for line in self.c.read_file(out).splitlines()]
 
     # --- observing --------------------------------------------------------------------------------------
     def props(self, unit: str | None = None) -> dict:

@@ -71,10 +71,22 @@ def trixie_container(trixie_image: Path) -> Iterator[testbed.Container]:
 import appbed  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "app_config(gunicorn='', reload='', setup='', flags=()): how the `app` fixture installs the "
+        "example app: extra [gunicorn] / [reload] / [setup] lines (App.variant) and `reloader install` flags")
+
+
 @pytest.fixture
-def app(container: testbed.Container) -> appbed.App:
-    """A booted container with examples/flaskapp.toml installed by `reloader install` and serving v1."""
+def app(container: testbed.Container, request: pytest.FixtureRequest) -> appbed.App:
+    """A booted container with examples/flaskapp.toml installed by `reloader install` and serving v1.
+
+    ``@pytest.mark.app_config(gunicorn="preload_app = true", reload="bake_seconds = 1", flags=(...))``
+    (also on a ``pytest.param``) installs a variant of the example instead."""
     a = appbed.App(container)
-    a.install()
+    marker = request.node.get_closest_marker("app_config")
+    settings = dict(marker.kwargs) if marker else {}
+    flags = settings.pop("flags", ())
+    a.install(a.variant(**settings) if settings else appbed.EXAMPLE, *flags)
     assert a.wait_version("v1"), a.journal()
     return a

@@ -11,30 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from configbed import BASE, DROP, SRC, cfg, rejected
 
 from reloader.config import AppConfig, ConfigError, NginxConfig, load, parse
 from reloader.render import render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "flaskapp.toml"
-SRC = "myapp.toml"
-BASE = {"name": "myapp", "working_directory": "/srv/myapp", "virtualenv": "/srv/myapp/venv", "wsgi": "app:app"}
-DROP = object()  #: in an ``app`` override: remove that key from BASE
-
-
-def cfg(app: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
-    """A valid config dict (BASE) with *app* keys overridden (DROP removes one) and extra sections."""
-    merged = {**BASE, **(app or {})}
-    return {"app": {k: v for k, v in merged.items() if v is not DROP}, **sections}
-
-
-def rejected(data: dict[str, Any], source: str = SRC) -> str:
-    with pytest.raises(ConfigError) as e:
-        parse(data, source=source)
-    message = str(e.value)
-    assert "\n" not in message and "\r" not in message, f"error message is not one line: {message!r}"
-    assert message.startswith(f"{source}: "), message
-    return message
 
 
 def assert_rejected(data: dict[str, Any], where: str, fragment: str) -> None:
@@ -494,3 +477,45 @@ def test_hup_with_preload_is_refused_because_it_would_never_deploy() -> None:
     assert_rejected(cfg(gunicorn={"preload_app": True}, reload={"strategy": "hup"}),
                     "[reload] strategy", "never deploys new code")
     assert parse(cfg(gunicorn={"preload_app": True})).strategy == "generation"
+
+
+# --- the schema: each key declared once, on its field -------------------------------------------------------
+def _declared() -> list[tuple[str, str, Any]]:
+    """(section, key, TomlKey with the field's default) of every field that is a TOML key."""
+    from dataclasses import fields
+
+    from reloader.config import SetupConfig
+
+    out = []
+    for cls in (AppConfig, NginxConfig, SetupConfig):
+        for f in fields(cls):
+            if f.name in ("source", "nginx", "setup"):
+                assert "toml" not in f.metadata, f.name
+                continue
+            spec = f.metadata["toml"]  # every other field is a key
+            out.append((spec.section, spec.key or f.name, (spec, f.default)))
+    return out
+
+
+def test_every_key_is_declared_once_and_unknown_keys_are_told_the_known_ones():
+    declared = _declared()
+    assert len({(section, key) for section, key, _ in declared}) == len(declared)
+    gunicorn_keys = sorted(key for section, key, _ in declared if section == "gunicorn")
+    assert "settings" in gunicorn_keys and "config_file" in gunicorn_keys  # the TOML names, not the fields'
+    assert_rejected(cfg(gunicorn={"zzzz": 1}), "[gunicorn] zzzz", f"known keys: {', '.join(gunicorn_keys)}")
+
+
+def test_declared_defaults_and_ranges_are_the_ones_parse_applies():
+    base = parse(cfg())
+    checked = 0
+    for section, key, (spec, default) in _declared():
+        if spec.kind not in ("integer", "number", "boolean") or key == "instances":  # instances: rolling only
+            continue
+        set_to_default = cfg(**{section: {key: default}}) if section != "app" else cfg({key: default})
+        assert parse(set_to_default) == base, (section, key)
+        if spec.kind == "integer":
+            too_big = int(spec.high) + 1
+            assert_rejected(cfg(**{section: {key: too_big}}), f"[{section}] {key}",
+                            f"{too_big} is out of range; allowed {int(spec.low)}..{int(spec.high)}")
+        checked += 1
+    assert checked >= 12, checked

@@ -12,8 +12,7 @@ import json
 import subprocess
 import time
 
-from appbed import App
-from test_reload import BROKEN
+from appbed import BROKEN, App
 
 RELOADS = 20
 BLUE_GREEN = "/src/examples/flaskapp-blue-green.toml"

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import time
 
-from appbed import App
+from appbed import IMPORT_ERROR, App
 
-BROKEN = "import nosuchmodule\n"
 # A release that shows its environment, so a test can see what the serving generation got.
 SHOW_ENV = ("\nfrom flask import jsonify as _j\n\n@app.get('/env')\ndef env():\n"
             "    return _j(greeting=os.environ.get('GREETING', ''), secret=os.environ.get('SECRET', ''))\n")
@@ -87,7 +86,7 @@ def test_a_refused_release_never_runs_after_worker_deaths_crashes_and_restarts(c
 
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=1")
     # Refused: current now points at a release that fails to import.
-    app.ship(code=BROKEN)
+    app.ship(code=IMPORT_ERROR)
     r3 = current(app)
     assert app.reload().returncode != 0
     props = app.props()
@@ -210,7 +209,7 @@ def test_environment_deploy_release_refusal_rollback_prune_and_static_assets(con
     app.c.run("rm -f /srv/flaskapp/releases/afile /srv/flaskapp/releases/loop1 /srv/flaskapp/releases/loop2")
 
     # A refused release with static assets: current goes back, every static URL of release 2 still answers.
-    r3 = make_release(app, 3, "v3", code=BROKEN, static={"app.css": "css-3", "new.css": "new-3"})
+    r3 = make_release(app, 3, "v3", code=IMPORT_ERROR, static={"app.css": "css-3", "new.css": "new-3"})
     r = reloader(app, "deploy", "flaskapp", "--release", r3)
     assert r.returncode == 1 and "current put back" in r.stdout, (r.stdout, r.stderr)
     assert current(app) == r2 and app.version() == "v2"
@@ -272,7 +271,7 @@ def test_hup_strategy_keeps_its_release_and_takes_the_new_environment(container)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert app.get("/env").json["greeting"] == "two" and app.props()["MainPID"] == master
     # Refused, then a worker dies: it comes back on release 2.
-    app.ship(code=BROKEN)
+    app.ship(code=IMPORT_ERROR)
     assert app.reload().returncode != 0
     victim = busy_worker(app, master)
     app.c.run(["kill", "-KILL", str(victim)])

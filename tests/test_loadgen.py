@@ -243,13 +243,8 @@ def test_percentile_nearest_rank() -> None:
 
 
 def _synthetic_report(records: list[Record]) -> Report:
-    stats = RequestStats.from_records(records)
-    return Report(
-        url="http://x/", config={}, started=100.0, ended=110.0, started_wall=0.0, total=stats.total,
-        ok=stats.ok, failures=stats.failures, keepalive_retries=stats.keepalive_retries,
-        strict_keepalive=False, latency=stats.latency, regular=stats, long=RequestStats(),
-        versions=stats.versions, marks=[("reload-start", 103.0), ("reload-end", 105.0)], records=records,
-    )
+    return Report.from_records(records, url="http://x/", started=100.0, ended=110.0,
+                               marks=[("reload-start", 103.0), ("reload-end", 105.0)])
 
 
 def test_window_and_first_seen_exact() -> None:
@@ -278,6 +273,31 @@ def test_window_and_first_seen_exact() -> None:
     assert doc["versions"]["v2"]["first_seen_rel"] == pytest.approx(4.54)
     line = report.summary_line()
     assert line.startswith("FAIL") and "conn_refused=1" in line and "keepalive_retries=1" in line
+
+
+def test_regular_and_long_are_one_tally_each_and_add_up() -> None:
+    records = [
+        Record(101.0, 0.010, "ok", version="v1"),
+        Record(101.5, 2.000, "ok", version="v1", long=True),
+        Record(103.0, 0.020, "conn_reset", keepalive_retry=True),
+        Record(104.0, 2.500, "http_502", long=True),
+        Record(106.0, 0.010, "ok", version="v2"),
+        Record(107.0, 0.010, "ok", version="v2", long=True),
+    ]
+    report = _synthetic_report(records)
+    assert isinstance(report.regular, RequestStats) and isinstance(report.long, RequestStats)
+    assert (report.regular.total, report.long.total, report.total) == (3, 3, 6)
+    assert report.failures == {"conn_reset": 1, "http_502": 1} and report.failed == 2
+    assert report.versions == {"v1": 2, "v2": 2} and report.keepalive_retries == 1
+    assert report.latency.max == pytest.approx(20.0)  # the regular requests' only
+    both = report.windows([(100.0, 101.2), (105.0, 106.5)], "regular")
+    assert (both.total, both.ok, both.versions) == (2, 2, {"v1": 1, "v2": 1})
+    assert report.version_before(105.0) == "v1"  # the long v1 response completed at 103.5
+    assert report.first_other_version("v1", 104.0) == ("v2", pytest.approx(106.01))
+    assert report.first_other_version("v2", 104.0) is None
+    doc = report.to_dict()
+    assert (doc["total"], doc["regular"]["total"], doc["long"]["failed"]) == (6, 3, 1)
+    assert [f["kind"] for f in report.first_failures()] == ["conn_reset", "http_502"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -417,7 +437,7 @@ def test_version_header_and_body_expectation(server: Server) -> None:
 
 def test_long_requests(server: Server) -> None:
     cfg = LoadConfig(server.url + "/", concurrency=1, long_requests=2, long_path="/slow?s=0.3")
-    report = run_until(cfg, lambda s: s.long_ok >= 2)
+    report = run_until(cfg, lambda s: s.long.ok >= 2)
     assert report.long.total >= 2 and report.long.ok == report.long.total and report.long.failed == 0
     assert report.long.latency.p50 is not None and report.long.latency.p50 >= 300
     assert report.latency.p50 is not None and report.latency.p50 < 300  # regular latency excludes long

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_config import cfg, rejected
+from configbed import cfg, rejected
 
 from reloader import commands, config, registry, releases
 from reloader.config import ConfigError, parse

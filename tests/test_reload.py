@@ -6,12 +6,12 @@ counts every response and connection error (reloader/loadgen.py).
 
 from __future__ import annotations
 
+import re
 import subprocess
-import threading
 import time
 
 import pytest
-from appbed import WRAPPER, App
+from appbed import BROKEN, BROKEN_PREFLIGHT_TIMEOUT, EXAMPLE, IMPORT_ERROR, App
 
 RELOADS = 20
 TRIXIE_RELOADS = 5  # the same guarantee on Debian 13, with a CI-sized batch
@@ -40,20 +40,23 @@ def reload_to(app: App, version: str) -> tuple[int, dict]:
     return before, after
 
 
-@pytest.mark.parametrize(("container", "preload", "reloads"),
-                         [("bookworm", False, RELOADS), ("bookworm", True, RELOADS), ("trixie", False, TRIXIE_RELOADS)],
-                         ids=["default", "preload_app", "trixie"], indirect=["container"])
-def test_twenty_reloads_under_load_lose_no_request(container, preload: bool, reloads: int) -> None:
-    app = App(container)
-    app.install(app.variant(gunicorn="preload_app = true" if preload else ""))
-    assert app.wait_version("v1")
+@pytest.mark.parametrize(("container", "reloads"), [
+    pytest.param("bookworm", RELOADS, id="default"),
+    pytest.param("bookworm", RELOADS, id="preload_app", marks=pytest.mark.app_config(gunicorn="preload_app = true")),
+    pytest.param("trixie", TRIXIE_RELOADS, id="trixie"),
+], indirect=["container"])
+def test_twenty_reloads_under_load_lose_no_request(app: App, reloads: int) -> None:
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
     pids = [app.props()["MainPID"]]
     for n in range(2, reloads + 2):
         _, after = reload_to(app, f"v{n}")
         assert after["MainPID"] != pids[-1], "the default strategy starts a new master every reload"
         assert app.c.read_file("/run/flaskapp/gunicorn.pid").strip() == str(after["MainPID"])
-        assert f"generation {n}" in after["StatusText"] and "4 workers" in after["StatusText"], after
+        # STATUS= reports the workers it saw ready: the same number as the ready worker processes here.
+        status, ready = after["StatusText"], app.ready_workers(after["MainPID"])
+        reported = re.search(r"(\d+) workers", status)
+        assert f"generation {n}" in status and reported, after
+        assert int(reported[1]) == len(ready) > 0, (status, ready)
         pids.append(after["MainPID"])
     report = app.stop_load(load)
     assert_no_failures(report)
@@ -61,10 +64,8 @@ def test_twenty_reloads_under_load_lose_no_request(container, preload: bool, rel
     assert app.masters() == [pids[-1]], "exactly one generation is left running"
 
 
-def test_hup_strategy_reloads_in_place_under_load(container) -> None:
-    app = App(container)
-    app.install(app.variant(reload='strategy = "hup"'))
-    assert app.wait_version("v1")
+@pytest.mark.app_config(reload='strategy = "hup"')
+def test_hup_strategy_reloads_in_place_under_load(app: App) -> None:
     master = app.props()["MainPID"]
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=1")
     for n in range(2, 7):
@@ -74,25 +75,9 @@ def test_hup_strategy_reloads_in_place_under_load(container) -> None:
     assert_no_failures(report)
 
 
-BROKEN = {
-    "import error": ("import nosuchmodule\n", "ModuleNotFoundError: No module named 'nosuchmodule' (app.py:1)"),
-    "syntax error": ("from flask import Flask\napp = Flask(__name__\n", "SyntaxError"),
-    "missing callable": ("from flask import Flask\napplication = Flask(__name__)\n", "has no attribute 'app'"),
-    "exception creating the app": (
-        "from flask import Flask\n\ndef make():\n    raise RuntimeError('no database configured')\n\napp = make()\n",
-        "RuntimeError: no database configured (app.py:4)"),
-    "hanging import": ("import time\ntime.sleep(3600)\n", "pre-flight timed out after 5 s"),
-    "health path answers 500": (
-        "from flask import Flask\napp = Flask(__name__)\n\n@app.get('/health')\ndef health():\n"
-        "    return 'db down', 500\n", "/health answered 500"),
-}
-
-
 @both_releases
-def test_broken_releases_are_refused_while_the_old_one_serves(container) -> None:
-    app = App(container)
-    app.install(app.variant(reload="preflight_timeout = 5"))
-    assert app.wait_version("v1")
+@pytest.mark.app_config(reload=BROKEN_PREFLIGHT_TIMEOUT)
+def test_broken_releases_are_refused_while_the_old_one_serves(app: App) -> None:
     master = app.props()["MainPID"]
     load = app.start_load(concurrency=6, long=1, long_path="/slow?s=1")
     for kind, (code, reason) in BROKEN.items():
@@ -113,11 +98,8 @@ def test_broken_releases_are_refused_while_the_old_one_serves(container) -> None
     reload_to(app, "v9")
 
 
-def test_a_release_that_fails_only_under_gunicorn_is_rolled_back(container) -> None:
+def test_a_release_that_fails_only_under_gunicorn_is_rolled_back(app: App) -> None:
     """Passes the pre-flight, but its workers fail to boot: the new generation is stopped, the old stays."""
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
     master = app.props()["MainPID"]
     load = app.start_load(concurrency=6, long=1, long_path="/slow?s=1")
     extra = "\nimport sys\nif 'gunicorn' in ' '.join(sys.argv):\n    raise RuntimeError('only in production')\n"
@@ -133,14 +115,11 @@ def test_a_release_that_fails_only_under_gunicorn_is_rolled_back(container) -> N
     assert app.masters() == [master]
 
 
-def test_workers_that_die_during_the_bake_are_rolled_back(container) -> None:
+def test_workers_that_die_during_the_bake_are_rolled_back(app: App) -> None:
     """Workers that boot and then die (here: 0.5 s after loading) fail the bake; the old generation stays.
 
     No load here: a worker that dies mid-request kills that request whatever the deploy tool does.
     """
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
     master = app.props()["MainPID"]
     extra = ("\nimport os, sys, threading\nif 'gunicorn' in ' '.join(sys.argv):\n"
              "    threading.Timer(0.5, os._exit, [1]).start()\n")
@@ -154,10 +133,7 @@ def test_workers_that_die_during_the_bake_are_rolled_back(container) -> None:
     assert app.masters() == [master]
 
 
-def test_slow_but_valid_import_succeeds(container) -> None:
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
+def test_slow_but_valid_import_succeeds(app: App) -> None:
     load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
     app.ship("v2", extra="\nimport time\ntime.sleep(20)\n")
     started = time.monotonic()
@@ -170,10 +146,7 @@ def test_slow_but_valid_import_succeeds(container) -> None:
 
 
 @both_releases
-def test_helper_killed_mid_reload_leaves_a_serving_unit_whose_next_reload_succeeds(container) -> None:
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
+def test_helper_killed_mid_reload_leaves_a_serving_unit_whose_next_reload_succeeds(app: App) -> None:
     master = app.props()["MainPID"]
     load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
     app.ship("v2", extra="\nimport time\ntime.sleep(4)\n")
@@ -203,39 +176,74 @@ def test_helper_killed_mid_reload_leaves_a_serving_unit_whose_next_reload_succee
     assert_no_failures(app.stop_load(load))
 
 
-def test_concurrent_reloads_are_serialized(container) -> None:
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
-    load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
-    app.ship("v2")
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(app.reload().returncode)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert results == [0, 0, 0]
-    assert app.version() == "v2"
+#: A setup command that waits while the release holds a file ``hold``: keeps a reload under its lock
+#: (setup commands run first, before the pre-flight and any new generation) as long as the test needs,
+#: and costs nothing to a release without the file.
+HOLD_WHILE_FILE = """commands = ["sh -c 'while [ -e hold ]; do sleep 0.1; done'"]"""
+LOCK_WAIT = 10  # ready_timeout: how long a second reload waits for the lock before it refuses
+
+
+@pytest.mark.app_config(reload=f"ready_timeout = {LOCK_WAIT}", setup=HOLD_WHILE_FILE)
+def test_a_manual_exec_reload_waits_for_the_running_reload_then_refuses(app: App) -> None:
+    """systemd never runs two ExecReload= of one unit at once, but an operator can run the helper by hand
+    next to `systemctl reload` (`MAINPID=... reloader exec-reload CONFIG`). The reload lock
+    (runtime_dir/reload.lock) makes the second one wait up to ready_timeout and then refuse, without
+    touching a process: at no time do two new generations exist, and the first reload deploys."""
+    master = app.props()["MainPID"]
+    release = app.ship("v2", files={"hold": ""})
+    hold = f"/srv/flaskapp/releases/{release}/hold"
+    watch = app.start_master_watch()
+    reload = app.c.popen(["systemctl", "reload", "flaskapp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 60
+    while "setup: running" not in app.props()["StatusText"]:  # past the lock, held by the setup command
+        assert reload.poll() is None and time.monotonic() < deadline, (reload.poll(), app.props(), app.journal(20))
+        time.sleep(0.2)
+
+    started = time.monotonic()
+    manual = app.c.popen(["reloader", "exec-reload", "/etc/reloader/flaskapp.toml"], env={"MAINPID": str(master)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = manual.communicate(timeout=LOCK_WAIT + 30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the manual exec-reload neither waited for the lock nor refused within {LOCK_WAIT + 30} s: "
+                    "it ran next to the reload systemd started")
+    waited = time.monotonic() - started
+    assert reload.poll() is None, "the first reload ended before the manual one gave up: no contention shown"
+    assert manual.returncode == 1, (manual.returncode, err)
+    first = err.strip().splitlines()[0] if err.strip() else ""
+    assert "reload refused" in first and "another reload of this app is still running" in first, err
+    for step in ("setup: running", "pre-flight: importing", "starting a new generation", "stopping stray",
+                 "retiring old master", "rolling back"):  # the STATUS= lines of the steps of a reload
+        assert step not in err, f"the manual exec-reload did something before refusing ({step!r}): {err}"
+    assert waited >= LOCK_WAIT, f"refused after {waited:.1f} s: it did not wait ready_timeout for the lock"
+
+    released = time.monotonic()
+    app.c.run(["rm", hold])
+    _, err = reload.communicate(timeout=180)
     props = app.props()
-    assert props["SubState"] == "running" and app.masters() == [props["MainPID"]], props
-    assert_no_failures(app.stop_load(load))
+    assert reload.returncode == 0, (err, props, app.journal(30))
+    assert props["ReloadResult"] == "success" and props["MainPID"] != master, props
+    assert app.version() == "v2"
+    assert app.masters() == [props["MainPID"]]
+    seen = app.stop_master_watch(watch)
+    assert all(masters == [master] for at, masters in seen if at < released), seen
+    assert max(len(masters) for _, masters in seen) <= 2, seen
+    new = {pid for _, masters in seen for pid in masters} - {master}
+    assert new == {props["MainPID"]}, f"new generations seen: {sorted(new)} ({seen})"
+    print(f"manual exec-reload refused after {waited:.1f} s; masters seen: {seen}")
 
 
 def test_notify_reload_is_refused_on_systemd_252(container) -> None:
     app = App(container)
-    app.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
-    r = app.c.run(["reloader", "install", "/src/examples/flaskapp.toml", "--notify-reload"], check=False)
+    r = app.install(EXAMPLE, "--notify-reload", check=False)
     assert r.returncode == 1 and "needs systemd 253 or newer" in r.stderr, r.stderr
     assert app.c.run("test -e /etc/systemd/system/flaskapp.service", check=False).returncode != 0
 
 
 @both_releases
-def test_restart_and_stop_drain_in_flight_requests(container) -> None:
+def test_restart_and_stop_drain_in_flight_requests(app: App) -> None:
     """With the socket held by systemd, even `systemctl restart` refuses no connection."""
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
     # A restart promises that no connection is refused (they wait in the socket's backlog), not how long
     # they wait: on a loaded host gunicorn's boot can keep a request waiting past the default 10 s.
     load = app.start_load(concurrency=4, long=2, long_path="/slow?s=2", timeout=60)
@@ -255,10 +263,7 @@ def test_restart_and_stop_drain_in_flight_requests(container) -> None:
 
 
 @both_releases
-def test_nginx_reload_is_verified_and_refuses_a_bad_config(container) -> None:
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
+def test_nginx_reload_is_verified_and_refuses_a_bad_config(app: App) -> None:
     nginx = app.props("nginx.service")
     load = app.start_load(concurrency=6, long=1, long_path="/slow?s=1")
     for _ in range(5):
@@ -277,11 +282,8 @@ def test_nginx_reload_is_verified_and_refuses_a_bad_config(container) -> None:
     assert report["total"] > 0
 
 
-def test_a_virtualenv_switched_by_symlink_is_picked_up(container) -> None:
+def test_a_virtualenv_switched_by_symlink_is_picked_up(app: App) -> None:
     """gunicorn re-execs its resolved interpreter; the generated pre_exec hook execs the configured path."""
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
     app.c.run("cp -a /opt/venv /opt/venv2 && "
               "echo 'NAME = \"venv2\"' > $(ls -d /opt/venv2/lib/python3*/site-packages)/venv_marker.py")
     marker = ("\ntry:\n    import venv_marker\n    VERSION = VERSION + '-' + venv_marker.NAME\n"
@@ -296,19 +298,18 @@ def test_a_virtualenv_switched_by_symlink_is_picked_up(container) -> None:
     assert app.version() == "v3-venv2"
 
 
-def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
+@pytest.mark.parametrize("container", ["trixie"], indirect=True)
+@pytest.mark.app_config(flags=("--notify-reload",))
+def test_type_notify_reload_on_systemd_257(app: App) -> None:
     """On systemd >= 253 `reloader install --notify-reload` renders Type=notify-reload; reloads keep every
     guarantee."""
-    app = App(trixie_container)
-    app.install("/src/examples/flaskapp.toml", "--notify-reload")
-    assert app.wait_version("v1")
     unit = app.c.read_file("/etc/systemd/system/flaskapp.service")
     assert "Type=notify-reload" in unit and "ReloadSignal=SIGWINCH" in unit
     load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
     for n in (2, 3, 4):
         before, after = reload_to(app, f"v{n}")
         assert after["MainPID"] != before
-    app.ship(code="import nosuchmodule\n")
+    app.ship(code=IMPORT_ERROR)
     r = app.reload()
     props = app.props()
     assert r.returncode != 0 and props["SubState"] == "running", props
@@ -319,7 +320,7 @@ def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
     # The way back: `reloader install` without the flag renders Type=notify again (its reload deploys
     # what `current` points at), and reloads go on.
     app.ship("v5")
-    r = app.c.run(["reloader", "install", "/src/examples/flaskapp.toml"], check=False, timeout=240)
+    r = app.c.run(["reloader", "install", EXAMPLE], check=False, timeout=240)
     assert r.returncode == 0, (r.stdout, r.stderr, app.journal(30))
     assert app.c.run(["systemctl", "show", "-P", "Type", "flaskapp"]).stdout.strip() == "notify"
     assert "--notify-reload" not in app.c.read_file("/etc/systemd/system/flaskapp.service")
@@ -327,13 +328,10 @@ def test_type_notify_reload_on_systemd_257(trixie_container) -> None:
     reload_to(app, "v6")
 
 
-def test_a_reload_after_a_manual_hup_still_works(container) -> None:
+def test_a_reload_after_a_manual_hup_still_works(app: App) -> None:
     """An operator's `kill -HUP` frees fd 3 in the master; the USR2 hand-off of the sockets must not care.
 
     A manual HUP replaces the workers but keeps the master's own (live) release: only a reload deploys."""
-    app = App(container)
-    app.install()
-    assert app.wait_version("v1")
     serving = "v1"
     for hups in (1, 2):
         app.ship(f"v{hups + 1}")

@@ -9,7 +9,7 @@ import json
 
 from appbed import App
 
-from reloader.loadgen import LatencySummary, Record, Report, RequestStats
+from reloader.loadgen import Record, Report
 from reloader.probe import target_of
 from reloader.verify import ReloadResult, analyse
 
@@ -22,20 +22,7 @@ def test_target_of_listen_and_server_name() -> None:
 
 
 def _report(records: list[Record], end: float) -> Report:
-    reg = RequestStats.from_records(r for r in records if not r.long)
-    lng = RequestStats.from_records(r for r in records if r.long)
-    failures: dict[str, int] = {}
-    for r in records:
-        if not r.ok:
-            failures[r.kind] = failures.get(r.kind, 0) + 1
-    versions: dict[str, int] = {}
-    for r in records:
-        if r.version:
-            versions[r.version] = versions.get(r.version, 0) + 1
-    return Report(url="http://127.0.0.1:80/health", config={}, started=0.0, ended=end, started_wall=0.0,
-                  total=len(records), ok=sum(r.ok for r in records), failures=failures, keepalive_retries=0,
-                  strict_keepalive=False, latency=LatencySummary.from_seconds(r.latency for r in records),
-                  regular=reg, long=lng, versions=versions, marks=[], records=records)
+    return Report.from_records(records, url="http://127.0.0.1:80/health", ended=end)
 
 
 def test_analyse_times_the_new_version_and_flags_failures() -> None:
