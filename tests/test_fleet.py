@@ -239,7 +239,7 @@ def test_routing_and_state_agree_when_nginx_cannot_reload_or_a_deploy_is_killed(
     assert live(app) == ["green"] and app.version() == "v5"
     assert app.props("flaskapp@blue.service")["ActiveState"] == "inactive"
     report = app.stop_load(load)
-    assert_no_client_saw_a_close(report)
+    assert_no_failed_request(report)  # the test's own nginx reload above closes client keep-alives
 
 
 def test_an_install_of_the_upstream_that_named_the_instances_moves_to_the_routes(container) -> None:
