@@ -242,29 +242,37 @@ def test_routing_and_state_agree_when_nginx_cannot_reload_or_a_deploy_is_killed(
     assert_no_failed_request(report)  # the test's own nginx reload above closes client keep-alives
 
 
-def test_an_install_of_the_upstream_that_named_the_instances_moves_to_the_routes(container) -> None:
+def test_reloader_install_upgrades_an_app_whose_upstream_named_the_instances(container) -> None:
     """Upgrade from the layout whose upstream include named the instances' sockets (rewritten with an
-    nginx reload by every deploy): the next deploy points the routes at what serves, reloads nginx once."""
+    nginx reload by every deploy): `reloader install` (no --restart) deploys through the routes, pointed
+    at what served; nginx is reloaded then, and never again by a deploy."""
     app = install(container, BLUE_GREEN, reload="bake_seconds = 1")
     deploy(app, "v2")
-    old = ("# Instances of flaskapp that get traffic, written by reloader (blue-green). Do not edit.\n"
-           "server unix:/run/flaskapp-green.sock max_fails=0;\n"
-           "server unix:/run/flaskapp-green.sock max_fails=0 backup;\n")
-    app.c.write_file("/var/lib/reloader/flaskapp/upstream.conf", old)
+    # What the previous reloader left: its include, its site comment, no routes.
+    app.c.write_file("/var/lib/reloader/flaskapp/upstream.conf",
+                     "# Instances of flaskapp that get traffic, written by reloader (blue-green). Do not edit.\n"
+                     "server unix:/run/flaskapp-green.sock max_fails=0;\n"
+                     "server unix:/run/flaskapp-green.sock max_fails=0 backup;\n")
+    site = app.c.read_file("/etc/nginx/conf.d/flaskapp.conf")
+    app.c.write_file("/etc/nginx/conf.d/flaskapp.conf", re.sub(
+        r"    # The routes to the instances.*\n.*\n",
+        "    # The instances that get traffic: rewritten by `systemctl reload flaskapp` (blue-green).\n", site))
     app.c.run(["rm", "-r", ROUTES])
     assert app.systemctl("reload", "nginx").returncode == 0
     assert live(app) == ["green"] and app.version() == "v2"
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
-    deploy(app, "v3")
-    assert live(app) == ["blue"] and routes(app) == {"live": "/run/flaskapp-blue.sock"}
+    app.ship("v3")
+    r = app.c.run(["reloader", "install", "/root/flaskapp.toml"], check=False, timeout=300)
+    assert r.returncode == 0, (r.stdout, r.stderr, app.journal(30))
+    assert app.version() == "v3" and live(app) == ["blue"] and routes(app) == {"live": "/run/flaskapp-blue.sock"}
     assert app.props("flaskapp@green.service")["ActiveState"] == "inactive"
-    workers = nginx_workers(app)
-    deploy(app, "v4")
-    assert nginx_workers(app) == workers, "only the first deploy after the upgrade reloads nginx"
     reference = Path(__file__).resolve().parent.parent / "units" / "blue-green" / "flaskapp.upstream.conf"
     assert app.c.read_file("/var/lib/reloader/flaskapp/upstream.conf") == reference.read_text()
+    workers = nginx_workers(app)
+    deploy(app, "v4")
+    assert nginx_workers(app) == workers, "a deploy after the upgrade reloaded nginx"
     report = app.stop_load(load)
-    assert_no_failed_request(report)
+    assert_no_failed_request(report)  # the upgrade's nginx reloads close client keep-alives, once
 
 
 def test_stopping_the_app_stops_every_instance(container) -> None:
