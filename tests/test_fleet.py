@@ -285,6 +285,22 @@ def test_stopping_the_app_stops_every_instance(container) -> None:
     assert live(app) == ["green"] and app.version() == "v2", "a restart keeps the live colour and its release"
 
 
+def test_a_deploy_that_cannot_reach_the_bus_says_so_in_the_unit_status(container) -> None:
+    app = install(container, BLUE_GREEN, reload="bake_seconds = 1")
+    app.c.write_file("/etc/systemd/system/flaskapp.service.d/no-bus.conf",
+                     "[Service]\nEnvironment=DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent\n")
+    app.systemctl("daemon-reload")
+    app.ship("v2")
+    assert app.reload().returncode != 0
+    props = app.props()
+    assert "reload refused: cannot connect to the systemd system bus" in props["StatusText"], props
+    assert props["ActiveState"] == "active" and app.version() == "v1" and live(app) == ["blue"]
+    app.c.run(["rm", "/etc/systemd/system/flaskapp.service.d/no-bus.conf"])
+    app.systemctl("daemon-reload")
+    deploy(app, "v3")
+    assert live(app) == ["green"]
+
+
 def test_rolling_deploys_under_load_never_reload_nginx(container) -> None:
     started = time.monotonic()
     app = install(container, ROLLING)
