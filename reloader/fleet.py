@@ -111,7 +111,7 @@ class Fleet:
         for slot in self.app.route_slots:
             if not self.routed(slot):
                 self.point(slot, slot if slot in live else live[0])
-        self.n.status(f"pointing nginx's upstream at the routes in {Path(self.app.route(live[0])).parent} "
+        self.n.status(f"pointing nginx's upstream at the routes in {os.path.dirname(self.app.route('live'))} "
                       "(once, after an upgrade or a change of instances)")
         _write(path, want)
         try:
