@@ -206,6 +206,23 @@ def test_blue_green_rollback_under_load(container) -> None:
     assert_no_failed_request(report)
 
 
+def test_a_rollback_too_late_for_the_deploy_is_refused_and_not_left_for_the_next(container) -> None:
+    """A rollback while the deploy already retires the old colour (past its bake) cannot switch back: it
+    says so and exits 1, the deploy completes, and the next deploy is not rolled back by it."""
+    app = install(container, BLUE_GREEN, reload="bake_seconds = 1")
+    slow = app.c.popen(["curl", "-s", "-H", "Host: flaskapp.example", "http://127.0.0.1/slow?s=20"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app.ship("v2")
+    reload = app.c.popen(["systemctl", "reload", "flaskapp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_status(app, "stopping flaskapp@blue.service gracefully")
+    r = app.c.run(["reloader", "rollback", "flaskapp"], check=False, timeout=120)
+    assert r.returncode == 1 and "rollback not applied" in r.stderr and r.stderr.count("\n") == 1, r
+    assert reload.wait(timeout=120) == 0 and live(app) == ["green"] and app.version() == "v2"
+    assert json.loads(slow.communicate(timeout=60)[0])["version"] == "v1", "the in-flight request finished"
+    deploy(app, "v3")
+    assert live(app) == ["blue"]
+
+
 def test_routing_and_state_agree_when_nginx_cannot_reload_or_a_deploy_is_killed(container) -> None:
     """The live colour is the one the route points at: a deploy needs no nginx reload (one that would
     fail changes nothing), and after a deploy killed mid-bake the next one replaces the colour that is
