@@ -95,15 +95,21 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f, Systemd() as sd:
         if not try_lock(f):
-            # A deploy is running: ask its bake to switch back, and wait for the reload job to end.
-            Path(app.rollback_request).write_text("1\n")
+            # A deploy is running: ask it to switch back (it does before its switch or during its bake),
+            # and wait for the reload job to end.
+            request = Path(app.rollback_request)
+            request.write_text("1\n")
             print(f"{app.name}: a deploy is running; asked it to switch back")
             deadline = time.monotonic() + client_wait(app.reload_budget)
             while sd.state(app.service).active_state == "reloading" and time.monotonic() < deadline:
                 time.sleep(0.2)
+            request.unlink(missing_ok=True)  # taken, or too late: never left for a later deploy
             st = sd.state(app.service)
+            if "rolled back on operator request" not in st.status_text:
+                raise Failed(f"{app.name}: rollback not applied: the deploy was past its bake (or was not a "
+                             f"deploy); it reports: {st.status_text}; run `reloader rollback {app.name}` again")
             print(f"{app.name}: {st.status_text}")
-            return 0 if "rolled back" in st.status_text else 1
+            return 0
         try:
             summary = fleet.Fleet(app, sd, Notifier(app.name)).rollback()
         except Refused as e:

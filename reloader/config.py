@@ -347,6 +347,7 @@ class AppConfig:
         return f"{self.name}@{instance}.service"
 
     def instance_socket(self, instance: str) -> str:
+        """The listening socket of *instance* (``NAME@.socket`` renders it with %i for the instance)."""
         base = self.socket[: -len(".sock")] if self.socket.endswith(".sock") else self.socket
         return f"{base}-{instance}.sock"
 
@@ -371,12 +372,12 @@ class AppConfig:
 
     @property
     def upstream_path(self) -> str:
-        """The nginx include listing the instances that get traffic (rewritten by reloads)."""
+        """The nginx include naming the routes (written at install; a deploy never changes it)."""
         return f"{self.state_dir}/upstream.conf"
 
     @property
     def fleet_state_path(self) -> str:
-        """Which instances are live and the deploy generation (reloader.fleet)."""
+        """The deploy generation of a multi-instance app (reloader.fleet; what is live is read from the routes)."""
         return f"{self.state_dir}/state.json"
 
     @property
@@ -385,8 +386,19 @@ class AppConfig:
         return f"{self.state_dir}/lock"
 
     @property
+    def route_slots(self) -> tuple[str, ...]:
+        """The routes nginx's upstream names: one for blue-green (``live``), one per instance when rolling."""
+        return ("live",) if self.strategy.one_live_instance else self.instance_names
+
+    def route(self, slot: str) -> str:
+        """A stable socket path in nginx's upstream: a symlink to an instance's socket that the fleet
+        replaces with rename(2) to switch traffic. connect() resolves it at every new connection, so no
+        nginx reload is needed; connections already open stay where they are."""
+        return f"{self.state_dir}/routes/{slot}.sock"
+
+    @property
     def rollback_request(self) -> str:
-        """Written by `reloader rollback` during a blue-green deploy: its bake switches back."""
+        """Written by `reloader rollback` while a blue-green deploy runs: the deploy switches back."""
         return f"{self.state_dir}/rollback-request"
 
     @property

@@ -2,13 +2,21 @@
 
 The controller unit ``NAME.service`` runs these as root: ``ExecStart=`` brings the instances up,
 ``ExecReload=`` deploys. The same guarantees as the single-master engine (reloader.swap): a pre-flight
-before anything is touched, every instance health-checked *on its own socket* before nginx sends it
-traffic, nginx switched only through its verified reload, and a failure puts things back as they were.
+before anything is touched, every instance health-checked *on its own socket* before it gets traffic,
+and a failure puts things back as they were.
+
+Traffic is switched without reloading nginx (a reload closes every idle client keep-alive connection):
+nginx's upstream names *routes*, stable socket paths under ``STATE_DIR/NAME/routes/`` that are symlinks
+to an instance's socket. Re-pointing one is a rename(2): connect() resolves the path at every new
+connection, so new connections follow at once, while requests in flight and nginx's idle upstream
+keep-alive connections stay on the old instance until it drains (a keep-alive connection it closes is
+retried by nginx on a new one, ``proxy_next_upstream error``). The routes *are* the routing state:
+which colour is live is read from them, never from a file that could disagree.
 
     blue-green: pre-flight → start idle colour on the new release → ready + health on its socket
-                → switch nginx → bake (rollback = switch back) → stop old colour
-    rolling:    pre-flight → for each instance: mark it down in nginx (and the one before back up)
-                → restart on the new release → ready + health;  then all up in nginx.
+                → switch the live route → bake (rollback = switch back) → retire the old colour
+    rolling:    pre-flight → for each instance: drain (its route → another instance)
+                → replace it (restart on the new release, ready + health) → restore its route.
                 A failure restores that instance's old release.
 
 What was deployed goes into the same records as the single-master strategies (reloader.releases): the
@@ -29,30 +37,98 @@ from pathlib import Path
 from . import proc, releases
 from .bus import Systemd
 from .config import AppConfig
-from .engine import Notifier, Refused, exclusive, health, monotonic_usec, preflight, ready_workers, release_of
+from .engine import Notifier, Refused, exclusive, health, preflight, ready_workers, release_of
+from .errors import Failed
 from .render import upstream
 
 NGINX = "nginx.service"
 
 
 class Fleet:
-    """The instances of one app and the operations on them; each step reports through STATUS=."""
+    """The instances of one app, the routes nginx reaches them through, and the records. Each step
+    reports through STATUS=; the strategies below are made of these steps."""
 
-    def __init__(self, app: AppConfig, sd: Systemd, n: Notifier) -> None:
+    def __init__(self, app: AppConfig, sd: Systemd, n: Notifier, since_ns: int = 0) -> None:
         self.app, self.sd, self.n = app, sd, n
-        self.state_path = Path(app.state_dir) / "state.json"
+        self.state_path = Path(app.fleet_state_path)
+        #: When this operation took the lock: a rollback request older than that was meant for another.
+        self.since_ns = since_ns
 
-    # --- state -----------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    # --- routes: what nginx sends traffic to ----------------------------------------------------------
+    def routed(self, slot: str) -> str:
+        """The instance *slot*'s route points at ("" when it points nowhere known)."""
         try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {"live": list(self.app.instance_names[:1] if self.app.strategy == "blue-green"
-                                 else self.app.instance_names), "generation": 1}
+            target = os.readlink(self.app.route(slot))
+        except OSError:
+            return ""
+        return next((i for i in self.app.instance_names if self.app.instance_socket(i) == target), "")
 
-    def save(self, state: dict) -> None:
-        _write(self.state_path, json.dumps(state, indent=2) + "\n")
+    def point(self, slot: str, instance: str) -> None:
+        """Re-point the route *slot* at *instance*'s socket, atomically (rename(2) over the old link)."""
+        link = Path(self.app.route(slot))
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.parent.chmod(0o755)  # nginx's workers resolve the links
+        tmp = link.with_name(f".{link.name}.new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.app.instance_socket(instance))
+        os.replace(tmp, link)
 
+    def live(self) -> list[str]:
+        """The instances a route points at, in order; before the first routes exist, what the
+        pre-route layout's upstream include named, else blue (blue-green) or every instance."""
+        routed = {self.routed(slot) for slot in self.app.route_slots} - {""}
+        if not routed:
+            routed = set(_legacy_upstream(self.app)) or set(self.initial())
+        return [i for i in self.app.instance_names if i in routed]
+
+    def initial(self) -> tuple[str, ...]:
+        return self.app.instance_names[:1] if self.app.strategy.one_live_instance else self.app.instance_names
+
+    def state(self) -> dict:
+        """What `reloader status` shows: the live instances (from the routes) and the generation."""
+        try:
+            generation = int(json.loads(self.state_path.read_text()).get("generation", 1))
+        except (OSError, ValueError, AttributeError):
+            generation = 1
+        return {"live": self.live(), "generation": generation}
+
+    def save_generation(self, generation: int) -> None:
+        _write(self.state_path, json.dumps({"generation": generation}, indent=2) + "\n")
+
+    def ensure_upstream(self) -> None:
+        """nginx's upstream names the routes. An older reloader named the instances' sockets there and
+        rewrote it (with an nginx reload) at every deploy: point the routes at what that file routed to,
+        then replace it and reload nginx once. Later deploys find it as rendered and never reload nginx."""
+        path = Path(self.app.upstream_path)
+        want = upstream(self.app)
+        try:
+            old = path.read_text()
+        except FileNotFoundError:
+            old = None
+        if old == want:
+            return
+        live = self.live()
+        for slot in self.app.route_slots:
+            if not self.routed(slot):
+                self.point(slot, slot if slot in live else live[0])
+        self.n.status(f"pointing nginx's upstream at the routes in {os.path.dirname(self.app.route('live'))} "
+                      "(once, after an upgrade or a change of instances)")
+        _write(path, want)
+        try:
+            self.reload_nginx()
+        except Refused:
+            if old is not None:
+                _write(path, old)
+            raise
+
+    def reload_nginx(self) -> None:
+        if not self.sd.state(NGINX).running:
+            return  # nginx reads the file when it starts
+        result = self.sd.reload_unit(NGINX, timeout=120)
+        if result != "done":
+            raise Refused(f"nginx reload failed (job {result}); see journalctl -u nginx")
+
+    # --- releases ---------------------------------------------------------------------------------------
     def pinned(self, instance: str) -> str:
         """The release directory *instance* runs (or will run when started)."""
         try:
@@ -75,15 +151,16 @@ class Fleet:
     def record_live(self, release_dir: str) -> None:
         releases.record_live(self.app, releases.Release(release_dir, releases.resolve_virtualenv(self.app)))
 
-    def seed_records(self, state: dict) -> None:
+    def seed_records(self) -> None:
         """No records yet (first start, or an app installed before reloader kept them): what the live
         instances are pinned to is live."""
-        pinned = self.pinned(state["live"][0])
+        pinned = self.pinned(self.live()[0])
         if pinned and releases.read(self.app).live is None:
             self.record_live(pinned)
 
     # --- instances ---------------------------------------------------------------------------------------
     def start(self, instance: str, *, restart: bool = False) -> None:
+        """(Re)start *instance* on its pinned release and wait until it is ready on its own socket."""
         unit = self.app.instance_unit(instance)
         self.n.status(f"{'restarting' if restart else 'starting'} {unit} on release "
                       f"{os.path.basename(self.pinned(instance))}")
@@ -105,7 +182,7 @@ class Fleet:
     def wait_ready(self, instance: str) -> None:
         """Every worker has loaded the app, and the health path answers on the instance's own socket."""
         unit = self.app.instance_unit(instance)
-        ready_dir = Path(self.app.instance_runtime_dir(instance)) / "ready"
+        ready_dir = Path(self.app.instance_ready_dir(instance))
         want = self.app.workers
 
         def ready() -> bool:
@@ -126,143 +203,226 @@ class Fleet:
                 raise Refused(f"{self.app.instance_unit(instance)}: {self.app.health_path} on {socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error}")
 
-    # --- nginx ----------------------------------------------------------------------------------------
-    def route(self, live: list[str], down: tuple[str, ...] = ()) -> None:
-        """Point nginx at *live* (with *down* marked down) through the verified nginx reload."""
-        _write(Path(self.app.upstream_path), upstream(self.app, tuple(live), down))
-        nginx = self.sd.state(NGINX)
-        if not nginx.running:
-            return  # nginx reads the file when it starts
-        result = self.sd.reload_unit(NGINX, timeout=120)
-        if result != "done":
-            raise Refused(f"nginx reload failed (job {result}); see journalctl -u nginx")
+    def drained(self, instance: str) -> None:
+        """Wait until *instance* has accepted every connection made to it before its route moved away.
+
+        Its listening socket (held by systemd) queues connections first come, first served: once a health
+        request sent now is answered, every connection queued before it was accepted, so a graceful stop
+        finishes them (one still queued at the stop would stay in the socket and start the instance again).
+        """
+        time.sleep(0.05)  # a connect() that resolved the route just before the rename is queued by now
+        deadline = time.monotonic() + self.app.graceful_timeout
+        while time.monotonic() < deadline:
+            status, _ = health(self.app, socket_path=self.app.instance_socket(instance))
+            if status or not self.running(instance):
+                return
+            self.n.extend()
+            time.sleep(0.2)
+
+    # --- `reloader rollback` while a deploy runs -------------------------------------------------------
+    def rollback_requested(self) -> bool:
+        """`reloader rollback` asked this deploy to switch back (a request from before this deploy took
+        the lock was meant for an earlier one, whose rollback command removes it when that one ends)."""
+        try:
+            requested = Path(self.app.rollback_request).stat().st_mtime_ns >= self.since_ns
+        except FileNotFoundError:
+            return False
+        if requested:
+            Path(self.app.rollback_request).unlink(missing_ok=True)
+        return requested
+
+    # --- `reloader rollback` after a deploy --------------------------------------------------------------
+    def rollback(self) -> str:
+        """Blue-green: switch back to the other colour's release (starting it again if it was stopped)."""
+        if not self.app.strategy.instant_rollback:
+            raise Refused("rollback switches colours: only for strategy = \"blue-green\"")
+        bg = BlueGreen(self)
+        live, other = bg.colours()
+        if not self.pinned(other):
+            raise Refused(f"there is no previous release to roll back to ({other} never ran)")
+        self.start(other, restart=self.running(other))
+        bg.switch(live, other)
+        self.record_live(self.pinned(other))
+        bg.retire(live)
+        return self.describe()
 
     # --- controller ExecStart= ----------------------------------------------------------------------------
     def bring_up(self) -> str:
-        state = self.state()
-        for instance in state["live"]:
+        """Start the live instances on their pinned releases and point their routes at them (after a
+        reboot, a controller restart, or an interrupted deploy that left a route elsewhere)."""
+        live = self.live()
+        for instance in live if self.app.strategy.one_live_instance else self.app.instance_names:
             if not self.pinned(instance):
                 self.pin(instance, self.target())
             self.start(instance)
-        self.route(state["live"])
-        self.save(state)
-        self.seed_records(state)
-        return self.describe(state)
+        for slot in self.app.route_slots:
+            self.point(slot, live[0] if slot == "live" else slot)
+        self.ensure_upstream()
+        self.seed_records()
+        return self.describe()
 
-    def describe(self, state: dict) -> str:
-        releases = ", ".join(f"{i}={os.path.basename(self.pinned(i)) or '-'}" for i in state["live"])
-        return (f"serving generation {state.get('generation', 1)} on {', '.join(state['live'])} "
-                f"(releases {releases}, {self.app.workers} workers each)")
+    def describe(self) -> str:
+        state = self.state()
+        pins = ", ".join(f"{i}={os.path.basename(self.pinned(i)) or '-'}" for i in state["live"])
+        return (f"serving generation {state['generation']} on {', '.join(state['live'])} "
+                f"(releases {pins}, {self.app.workers} workers each)")
 
     # --- controller ExecReload= --------------------------------------------------------------------------
     def deploy(self) -> str:
         target = self.target()
-        state = self.state()
-        self.seed_records(state)
+        self.seed_records()
+        self.ensure_upstream()  # not the release's fault if this fails: not recorded as refused
         try:
             preflight(self.app, self.n, as_app_user=os.geteuid() == 0)
-            if self.app.strategy == "blue-green":
-                self.blue_green(state)
-            else:
-                self.rolling(state)
+            (BlueGreen(self) if self.app.strategy.one_live_instance else Rolling(self)).run()
         except Refused as e:
             releases.record_refused(self.app, target, str(e))
             raise
         self.record_live(target)
-        state["generation"] = state.get("generation", 1) + 1
-        self.save(state)
-        return self.describe(state)
+        self.save_generation(self.state()["generation"] + 1)
+        return self.describe()
 
-    def blue_green(self, state: dict) -> None:
-        live = state["live"][0]
-        idle = next(c for c in self.app.instance_names if c != live)
-        self.pin(idle, self.target())
-        try:
-            self.start(idle, restart=self.running(idle))
-        except Refused:
-            self.stop(idle)
-            raise
-        self.n.status(f"switching nginx from {live} to {idle}")
-        self.route([idle])
-        state["live"] = [idle]
-        self.save(state)
+
+class BlueGreen:
+    """Two colours, one route (``live``) nginx sends all traffic through."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.f = fleet
+
+    def run(self) -> None:
+        live, idle = self.colours()
+        self.start_idle(idle)
+        if self.f.rollback_requested():
+            self.f.stop(idle)
+            raise Refused("rolled back on operator request (reloader rollback) before the switch")
+        self.switch(live, idle)
         try:
             self.bake(idle)
         except Refused as e:
-            self.n.status(f"rolling back to {live}: {e}")
-            self.route([live])
-            state["live"] = [live]
-            self.save(state)
-            self.stop(idle)
+            self.roll_back(live, idle, e)
             raise
-        self.stop(live)
+        self.retire(live)
+
+    def colours(self) -> tuple[str, str]:
+        """(the colour the live route points at, the other one)."""
+        live = self.f.live()[0]
+        return live, next(c for c in self.f.app.instance_names if c != live)
+
+    def start_idle(self, idle: str) -> None:
+        self.f.pin(idle, self.f.target())
+        try:
+            self.f.start(idle, restart=self.f.running(idle))
+        except Refused:
+            self.f.stop(idle)
+            raise
+
+    def switch(self, old: str, new: str) -> None:
+        self.f.n.status(f"switching the live route from {old} to {new} (no nginx reload)")
+        self.f.point("live", new)
 
     def bake(self, instance: str) -> None:
         """Watch the newly live colour; an operator's `reloader rollback` during the bake switches back."""
-        request = Path(self.app.state_dir) / "rollback-request"
-        request.unlink(missing_ok=True)
-        deadline = time.monotonic() + self.app.bake_seconds
-        self.n.status(f"baking {instance} for {self.app.bake_seconds:g} s (reloader rollback "
-                      f"{self.app.name} switches back)")
-        unit = self.app.instance_unit(instance)
-        main_pid = self.sd.state(unit).main_pid
+        app = self.f.app
+        deadline = time.monotonic() + app.bake_seconds
+        self.f.n.status(f"baking {instance} for {app.bake_seconds:g} s (reloader rollback {app.name} "
+                        "switches back)")
+        unit = app.instance_unit(instance)
+        main_pid = self.f.sd.state(unit).main_pid
         while time.monotonic() < deadline:
-            if request.exists():
-                request.unlink(missing_ok=True)
+            if self.f.rollback_requested():
                 raise Refused("rolled back on operator request (reloader rollback)")
-            st = self.sd.state(unit)
+            st = self.f.sd.state(unit)
             if not st.running or st.main_pid != main_pid:
                 raise Refused(f"{unit} stopped or restarted during the bake")
-            self.check_health(instance, rounds=1)
+            self.f.check_health(instance, rounds=1)
             time.sleep(0.2)
 
-    def rolling(self, state: dict) -> None:
-        target = self.target()
-        instances = list(self.app.instance_names)
-        for instance in instances:
-            previous = self.pinned(instance)
-            self.n.status(f"draining instance {instance} (marked down in nginx)")
-            self.route(instances, down=(instance,))
-            self.pin(instance, target)
-            try:
-                self.start(instance, restart=True)
-            except Refused as e:
-                self.n.status(f"instance {instance} failed on the new release; restoring "
-                              f"{os.path.basename(previous)}: {e}")
-                self.pin(instance, previous)
-                self.start(instance, restart=True)
-                self.route(instances)
-                raise Refused(f"instance {instance}: {e} (restored release {os.path.basename(previous)}; "
-                              f"instances before it run the new release)") from None
-            # No nginx reload to put it back on its own: the next instance's drain does that in the same
-            # reload (K + 1 nginx reloads per deploy, not 2K; each closes idle client keep-alives).
-        self.route(instances)
-        state["live"] = instances
+    def roll_back(self, old: str, new: str, why: Refused) -> None:
+        self.f.n.status(f"rolling back to {old}: {why}")
+        self.switch(new, old)
+        self.retire(new)
 
-    # --- `reloader rollback` ---------------------------------------------------------------------------
-    def rollback(self) -> str:
-        """Blue-green: switch back to the other colour's release (starting it again if it was stopped)."""
-        if self.app.strategy != "blue-green":
-            raise Refused("rollback switches colours: only for strategy = \"blue-green\"")
-        state = self.state()
-        live = state["live"][0]
-        other = next(c for c in self.app.instance_names if c != live)
-        if not self.pinned(other):
-            raise Refused(f"there is no previous release to roll back to ({other} never ran)")
-        self.start(other, restart=self.running(other))
-        self.route([other])
-        state["live"] = [other]
-        self.save(state)
-        self.record_live(self.pinned(other))
-        self.stop(live)
-        return self.describe(state)
+    def retire(self, old: str) -> None:
+        """Stop the colour no route points at, once it accepted what was sent to it (in-flight finish)."""
+        self.f.drained(old)
+        self.f.stop(old)
+
+
+class Rolling:
+    """K instances, one route each; an instance's route points at another one while it is replaced."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.f = fleet
+
+    def run(self) -> None:
+        for instance in self.f.app.instance_names:
+            self.drain(instance)
+            self.replace(instance)
+            self.restore(instance)
+
+    def drain(self, instance: str) -> None:
+        """Point *instance*'s route at another serving instance and let it accept what was queued."""
+        peer = next((i for i in self.f.app.instance_names if i != instance and self.f.routed(i) == i
+                     and self.f.running(i)), "")
+        if not peer:
+            raise Refused(f"no other instance serves to take instance {instance}'s traffic; "
+                          f"see reloader status {self.f.app.name}")
+        self.f.n.status(f"draining instance {instance} (its route now points at instance {peer})")
+        self.f.point(instance, peer)
+        if self.f.running(instance):
+            self.f.drained(instance)
+
+    def replace(self, instance: str) -> None:
+        """Restart *instance* on the new release; if it fails there, back on its old one (its route
+        stays on the peer if even that fails)."""
+        previous = self.f.pinned(instance)
+        self.f.pin(instance, self.f.target())
+        try:
+            self.f.start(instance, restart=True)
+        except Refused as e:
+            self.f.n.status(f"instance {instance} failed on the new release; restoring "
+                            f"{os.path.basename(previous) or 'nothing (it never ran)'}: {e}")
+            if not previous:
+                self.f.stop(instance)
+                raise Refused(f"instance {instance}: {e} (it had no previous release; its route stays on "
+                              "another instance)") from None
+            self.f.pin(instance, previous)
+            self.f.start(instance, restart=True)
+            self.restore(instance)
+            raise Refused(f"instance {instance}: {e} (restored release {os.path.basename(previous)}; "
+                          f"instances before it run the new release)") from None
+
+    def restore(self, instance: str) -> None:
+        self.f.n.status(f"instance {instance} serves release {os.path.basename(self.f.pinned(instance))}; "
+                        "its route points at it again")
+        self.f.point(instance, instance)
 
 
 @contextmanager
-def locked(app: AppConfig, n: Notifier) -> Iterator[None]:
-    """One deploy or rollback of an app at a time."""
-    with exclusive(Path(app.state_dir) / "lock", app.ready_timeout, n, "deploy"):
-        yield
+def locked(app: AppConfig, n: Notifier) -> Iterator[int]:
+    """One deploy or rollback of an app at a time. Yields when the lock was taken (the lock file's mtime,
+    the clock a rollback request's mtime is compared with)."""
+    lock = Path(app.deploy_lock)
+    with exclusive(lock, app.ready_timeout, n, "deploy"):
+        os.utime(lock)
+        yield lock.stat().st_mtime_ns
+
+
+def _legacy_upstream(app: AppConfig) -> list[str]:
+    """The instances an upstream include of the pre-route layout sent traffic to (not down, not backup)."""
+    try:
+        lines = Path(app.upstream_path).read_text().splitlines()
+    except OSError:
+        return []
+    sockets = {app.instance_socket(i): i for i in app.instance_names}
+    out = []
+    for line in lines:
+        words = line.rstrip(";").split()
+        if len(words) >= 2 and words[0] == "server" and not {"down", "backup"} & set(words[2:]):
+            instance = sockets.get(words[1].removeprefix("unix:"))
+            if instance:
+                out.append(instance)
+    return out
 
 
 def _write(path: Path, text: str) -> None:
@@ -273,14 +433,15 @@ def _write(path: Path, text: str) -> None:
 
 
 def run(app: AppConfig, action: str) -> int:
-    """Entry point for the controller's ExecStart= ('start'), ExecReload= ('deploy') and ExecStop= ('stop')."""
+    """Entry point for the controller's ExecStart= ('start'), ExecReload= ('deploy') and ExecStop= ('stop').
+
+    The controller is Type=oneshot: systemd takes the exit status, not READY=1 (nor RELOADING=1, which
+    only Type=notify-reload uses). Every failure ends as one STATUS= line and exit status 1."""
     n = Notifier(app.name)
-    if action == "deploy":
-        n.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
     started = time.monotonic()
     try:
-        with Systemd(timeout=60) as sd, locked(app, n):
-            fleet = Fleet(app, sd, n)
+        with Systemd(timeout=60) as sd, locked(app, n) as since:
+            fleet = Fleet(app, sd, n, since)
             if action == "stop":
                 # PartOf= already queued the instances' stop jobs: wait for them, so that
                 # `systemctl stop` returns only when every instance has drained and exited.
@@ -288,10 +449,12 @@ def run(app: AppConfig, action: str) -> int:
                     fleet.stop(instance)
                 return 0
             summary = fleet.deploy() if action == "deploy" else fleet.bring_up()
-    except Refused as e:
-        n.status(f"{'reload refused' if action == 'deploy' else 'start failed'}: {e}")
-        n.send("READY=1")
+    except (Refused, Failed, OSError) as e:
+        what = {"deploy": "reload refused", "start": "start failed"}.get(action, f"{action} failed")
+        why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        n.status(f"{what}: {why}")
+        n.barrier()
         return 1
     n.status(f"{summary}; release {release_of(app)} took {time.monotonic() - started:.1f} s")
-    n.send("READY=1")
+    n.barrier()
     return 0

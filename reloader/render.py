@@ -60,6 +60,16 @@ def _sd_quote(value: str) -> str:
     return '"' + _sd(str(value)).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: Stands for the instance name in a path rendered into a template unit (``NAME@.socket``): "{" is a
+#: character no config path may hold, so :func:`_sd_instance` can escape the rest and put ``%i`` there.
+INSTANCE = "{instance}"
+
+
+def _sd_instance(path: str) -> str:
+    """A per-instance path (built with :data:`INSTANCE`) for a template unit: escaped, ``%i`` for the name."""
+    return _sd(path).replace(INSTANCE, "%i")
+
+
 def _basename(path: str) -> str:
     """The config's file name, for header comments: escaped so a newline in it can't add a line."""
     return os.path.basename(path).encode("unicode_escape").decode("ascii")
@@ -72,7 +82,8 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters.update(sd=_sd, sd_quote=_sd_quote, pyrepr=repr, basename=_basename)
+    env.filters.update(sd=_sd, sd_quote=_sd_quote, sd_instance=_sd_instance, pyrepr=repr, basename=_basename)
+    env.globals["INSTANCE"] = INSTANCE
     return env
 
 
@@ -95,7 +106,7 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
             RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}", get("controller.j2")),
             RenderedFile(f"{app.name}@.service", f"{UNIT_DIR}/{app.name}@.service", get("instance.j2")),
             RenderedFile(f"{app.name}@.socket", f"{UNIT_DIR}/{app.name}@.socket", get("instance-socket.j2")),
-            RenderedFile(f"{app.name}.upstream.conf", app.upstream_path, upstream(app, initial_live(app)), seed=True),
+            RenderedFile(f"{app.name}.upstream.conf", app.upstream_path, upstream(app), seed=True),
         ]
     else:
         files.append(RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}",
@@ -126,14 +137,11 @@ def static_locations(app: AppConfig) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def initial_live(app: AppConfig) -> tuple[str, ...]:
-    """Instances serving right after install: blue for blue-green, all of them when rolling."""
-    return app.instance_names[:1] if app.strategy.one_live_instance else app.instance_names
-
-
-def upstream(app: AppConfig, live: tuple[str, ...], down: tuple[str, ...] = ()) -> str:
-    """The nginx upstream include naming the instances in *live* (those in *down* marked down)."""
-    return _environment().get_template("upstream.j2").render(app=app, live=live, down=down)
+def upstream(app: AppConfig) -> str:
+    """The nginx upstream include: the app's routes (stable socket paths the fleet points at instances).
+    It depends on the config alone; the fleet writes it (and reloads nginx) only when it differs, e.g.
+    after an upgrade from the layout that named the instances' sockets and was rewritten by every deploy."""
+    return _environment().get_template("upstream.j2").render(app=app)
 
 
 def write_tree(files: list[RenderedFile], out: Path) -> list[Path]:
