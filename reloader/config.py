@@ -134,6 +134,9 @@ class AppConfig:
     ready_timeout: int = 120
     bake_seconds: float = 2.0
     instances: int = 3
+    #: strategy "generation": start the new master with this many workers and swap the rest in lockstep
+    #: (TTOU old, TTIN new), so at most workers + max_surge run; 0: a full second generation.
+    max_surge: int = 0
     helper: str = DEB_HELPER
     #: Where release directories live ("" = the directory holding the release ``current`` points at).
     releases_root: str = ""
@@ -282,7 +285,7 @@ _GUNICORN_KEYS = {
     "socket_activation", "settings", "config_file", "access_log",
 }
 _RELOAD_KEYS = {"strategy", "preflight_timeout", "ready_timeout", "bake_seconds", "instances", "helper",
-                "releases_root", "keep_releases"}
+                "releases_root", "keep_releases", "max_surge"}
 _NGINX_KEYS = {"server_name", "listen", "client_max_body_size", "static", "proxy_read_timeout", "user"}
 _SETUP_KEYS = {"commands", "timeout"}
 _SECTIONS = {"app": _APP_KEYS, "gunicorn": _GUNICORN_KEYS, "reload": _RELOAD_KEYS, "nginx": _NGINX_KEYS,
@@ -481,6 +484,9 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
     if strategy in MULTI_INSTANCE and len(f"{socket}-{instances}".encode()) > 107:
         gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
+    max_surge = rel.integer("max_surge", 0, 0, 512)
+    if rel.has("max_surge") and strategy != "generation":
+        rel.fail("max_surge", f"only applies to strategy = \"generation\" (not {strategy!r})")
     preflight_timeout = rel.integer("preflight_timeout", 60, 1, 3600)
     ready_timeout = rel.integer("ready_timeout", 120, 1, 3600)
     bake_seconds = rel.number("bake_seconds", 2.0, 0, 3600)
@@ -511,7 +517,8 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         threads=threads, timeout=timeout, graceful_timeout=graceful_timeout, preload_app=preload_app,
         socket=socket, socket_activation=socket_activation, health_path=health_path, environment=environment,
         environment_file=environment_file, strategy=strategy, preflight_timeout=preflight_timeout,
-        ready_timeout=ready_timeout, bake_seconds=bake_seconds, instances=instances, helper=helper, nginx=nginx,
+        ready_timeout=ready_timeout, bake_seconds=bake_seconds, instances=instances, max_surge=max_surge,
+        helper=helper, nginx=nginx,
         **writable, health_status=health_status, setup=setup, gunicorn_settings=settings,
         gunicorn_config_file=config_file, access_log=access_log,
         releases_root=releases_root.rstrip("/"), keep_releases=keep_releases,
