@@ -88,16 +88,19 @@ def assert_no_failures(report: dict) -> None:
     assert report["long"]["total"] > 0 and report["long"]["failed"] == 0, report["long"]
 
 
-# A release whose workers boot fine and answer / with its version, but whose health path fails after 5 s:
-# the pre-flight refuses it long after the new workers loaded it. Each gunicorn process that imports it
-# leaves a marker, to prove the new generation did boot.
+# A release whose workers boot fine and answer / with its version, but whose health path fails: the
+# pre-flight refuses it only once all 4 new workers loaded it (each gunicorn process importing it leaves a
+# marker) and 1 s more, in which workers past an open gate would surely take some of the load's requests.
 SLOW_REFUSAL = """
-import sys as _sys
+import glob as _glob, sys as _sys
 if 'gunicorn' in ' '.join(_sys.argv):
     open(f'/run/flaskapp/booted-{os.getpid()}', 'w').close()
 
 def _failing_health():
-    time.sleep(5)
+    deadline = time.monotonic() + 50
+    while len(_glob.glob('/run/flaskapp/booted-*')) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
     return 'database unreachable', 500
 
 app.view_functions['health'] = _failing_health
@@ -120,8 +123,7 @@ def test_gated_generation_never_serves_a_refused_release_and_reports_the_workers
     assert "/health answered 500" in props["StatusText"], props
     assert props["MainPID"] == master and props["SubState"] == "running", props
     booted = app.c.run("ls /run/flaskapp/ | grep -c '^booted-'", check=False).stdout.strip()
-    # Booted workers would have taken requests without the gate (on a loaded host not all 4 may be up).
-    assert int(booted or 0) >= 1, "the new generation's workers loaded the release"
+    assert int(booted or 0) >= 4, f"the new generation's workers loaded the release ({booted} did)"
     assert app.version() == "v1"
     report = app.stop_load(load)
     assert_no_failures(report)
