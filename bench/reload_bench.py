@@ -242,7 +242,7 @@ class Bench:
 
     def helper_cost(self, since: float) -> dict[str, float]:
         """The cost the reload helper reported in the journal for the reload started at *since*."""
-        r = self.c.run("journalctl -u flaskapp -o short-monotonic --no-pager -n 400 --grep 'helper cost'",
+        r = self.c.run("journalctl -u flaskapp -o short-monotonic --no-pager -n 20000 | grep -F 'helper cost'",
                        check=False)
         for line in reversed(r.stdout.splitlines()):
             m = COST.search(line)
