@@ -130,7 +130,9 @@ class Preflight:
                                       start_new_session=True, **drop)
         except OSError as e:
             raise Refused(f"cannot run the pre-flight with {python}: {e.strerror}") from None
-        self.deadline = time.monotonic() + app.preflight_timeout
+        self.started = time.monotonic()
+        self.finished = 0.0  #: when its process ended (monotonic)
+        self.deadline = self.started + app.preflight_timeout
         self.timed_out = False
         self.output = ("", "")
         # communicate() in a thread: the pipes are drained whatever the app prints while we poll.
@@ -140,6 +142,7 @@ class Preflight:
 
     def _communicate(self) -> None:
         self.output = self.p.communicate()
+        self.finished = time.monotonic()
 
     def done(self) -> bool:
         if self._reader.is_alive() and time.monotonic() >= self.deadline:

@@ -60,6 +60,7 @@ class Swap:
         #: How many workers the old master runs now (lockstep lowers it with TTOU, a rollback raises it).
         self.old_workers = app.workers
         self._signalled: dict[int, float] = {}
+        self.ready_at = 0.0  #: when wait_ready last saw every worker it waited for ready (monotonic)
         #: The release this reload deploys, resolved once at its start: the pre-flight's cwd, the new
         #: master's chdir and what gets recorded live, whatever ``current`` points at meanwhile.
         self.target = releases.Release(releases.resolve_current(app), releases.resolve_virtualenv(app))
@@ -131,7 +132,7 @@ class Swap:
         try:
             self.spawn_new_generation(gated=True)
             self.wait_ready(self.new, self.app.workers, check)
-            self.open_gate(self.new)
+            self.open_gate(self.new, check)
             self.bake(self.new)
             self.hand_over()
         except Refused as e:
@@ -147,7 +148,7 @@ class Swap:
         try:
             self.spawn_new_generation(gated=True, workers=surge)
             self.wait_ready(self.new, surge, check)
-            self.open_gate(self.new)
+            self.open_gate(self.new, check)
             self.trade_workers(surge)
             self.bake(self.new)
             self.hand_over()
@@ -255,6 +256,7 @@ class Swap:
         self.n.status(f"waiting for {want} workers of master {master} to load the app"
                       + (" (gated until the pre-flight passes)" if check else ""))
         exits_before = self._exits(master)
+        self.ready_at = 0.0
 
         def ready() -> bool:
             if check and check.done():
@@ -265,7 +267,10 @@ class Swap:
             lost = self._exits(master) - exits_before
             if no_exits and lost:
                 raise Refused(f"{len(lost)} new worker(s) died during the lockstep swap (e.g. pid {min(lost)})")
-            return len(self._ready_workers(master) - exclude) >= want and (check is None or check.done())
+            if len(self._ready_workers(master) - exclude) < want:
+                return False
+            self.ready_at = self.ready_at or time.monotonic()
+            return check is None or check.done()
 
         if not proc.wait_for(ready, self.app.ready_timeout, tick=self.n.extend):
             got = len(self._ready_workers(master) - exclude)
@@ -275,7 +280,7 @@ class Swap:
             raise Refused(f"only {got} of {want} workers loaded the app within ready_timeout "
                           f"({self.app.ready_timeout} s)")
 
-    def open_gate(self, master: int) -> None:
+    def open_gate(self, master: int, check: Preflight) -> None:
         """The pre-flight passed and every new worker loaded the app: let them accept connections."""
         gate = self.ready_dir / str(master) / "gate-open"
         try:
@@ -283,7 +288,11 @@ class Swap:
         except OSError as e:
             raise Refused(f"cannot open the gate of master {master} ({gate}): {e.strerror}") from None
         self.gate_open = True
-        self.n.status(f"gate open: master {master}'s workers accept connections")
+        now = time.monotonic()
+        self.n.status(f"gate open: master {master}'s workers accept connections ({now - check.started:.2f} s "
+                      f"after the pre-flight and the new generation started; the pre-flight took "
+                      f"{check.finished - check.started:.2f} s, the workers were ready after "
+                      f"{(self.ready_at or now) - check.started:.2f} s)")
 
     def trade_workers(self, surge: int) -> None:
         """Lockstep: retire *surge* old workers gracefully (TTOU) and start as many new ones (TTIN), wait
