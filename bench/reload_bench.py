@@ -686,7 +686,8 @@ def main() -> int:
     methods: list[dict[str, Any]] = []
     workers_rows: list[dict[str, Any]] = []
     import_rows: list[dict[str, Any]] = []
-    if args.parts & {"single", "sweeps"}:
+    single_modes = [m for m in MODES if not m.fleet and m.key in args.modes]
+    if "single" in args.parts or ("sweeps" in args.parts and single_modes):
         methods, workers_rows, import_rows = single_unit_methods(args, reloads, sweep_reloads, env)
     if "seed" in args.parts:
         env.setdefault("seed_command", SEED)
@@ -694,7 +695,7 @@ def main() -> int:
         at = next((i for i, m in enumerate(methods) if m["method"] == "seed HUP, after a swap"), len(methods))
         methods[at:at] = seeds[:1]
         methods += seeds[1:]
-    if args.parts & {"fleet", "sweeps"}:
+    if args.parts & {"fleet", "sweeps"} and any(m.fleet and m.key in args.modes for m in MODES):
         fleet = [fleet_method(mode, args, reloads, sweep_reloads, env, workers_rows, import_rows)
                  for mode in MODES if mode.fleet and mode.key in args.modes]
         at = next((i + 1 for i, m in enumerate(methods) if m["method"] == HUP_LABEL), len(methods))
