@@ -187,6 +187,7 @@ class Swap:
             proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.old, 5)
         for child in proc.children(self.old):
             if _is_master(child, self.app):
+                self.restore_worker_count(stray=child)
                 self.n.status(f"stopping stray new master {child} left by an interrupted reload")
                 proc.send(child, signal.SIGTERM)
                 if not proc.wait_for(lambda c=child: not proc.alive(c), self.app.graceful_timeout + 10,
@@ -198,6 +199,21 @@ class Swap:
             for entry in self.ready_dir.iterdir():
                 if entry.name.isdigit() and not proc.alive(int(entry.name)):
                     _rmtree(entry)
+
+    def restore_worker_count(self, stray: int) -> None:
+        """A helper killed mid-lockstep left the old master with fewer workers (its TTOUs): TTIN it back
+        to ``workers`` before the stray new master, which serves the rest, is stopped."""
+        workers = [p for p in proc.children(self.old) if p != stray and not _is_master(p, self.app)]
+        missing = self.app.workers - len(workers)
+        if missing <= 0:
+            return
+        self.n.status(f"master {self.old} runs {len(workers)} of {self.app.workers} workers after an interrupted "
+                      f"lockstep swap: adding {missing} (TTIN)")
+        for _ in range(missing):
+            self.signal_master(self.old, signal.SIGTTIN)
+        if not proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
+                             self.app.ready_timeout, tick=self.n.extend):
+            raise Refused(f"master {self.old} did not get back to {self.app.workers} workers within ready_timeout")
 
     def preflight(self) -> None:
         preflight(self.app, self.n, release_dir=self.release_dir, python=self._python())

@@ -10,6 +10,7 @@ and the helper trades old workers for new ones (TTOU/TTIN) without ever serving 
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 from appbed import App
@@ -193,6 +194,24 @@ def test_lockstep_swap_under_load_keeps_capacity_and_rolls_back_to_the_full_old_
     assert_no_failures(report)
     assert "v3" in report["versions"], "the two new workers did serve before the third failed"
     assert set(report["versions"]) >= {"v1", "v2"}
+
+    # The helper SIGKILLed mid-lockstep leaves the old master short of workers (its TTOUs) and a stray
+    # new master serving the rest: the next reload, even a refused one, gives the old master all 4 back.
+    app.ship("v4", extra="\nimport time\ntime.sleep(1)\n")
+    rounds = app.journal_with("lockstep: 2 of 4").count("lockstep: 2 of 4")  # the v2 deploy's
+    reload = app.c.popen(["systemctl", "reload", "flaskapp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while app.journal_with("lockstep: 2 of 4").count("lockstep: 2 of 4") == rounds and time.monotonic() < deadline:
+        time.sleep(0.1)
+    app.c.run(["kill", "-KILL", str(app.props()["ControlPID"])])
+    assert reload.wait(timeout=60) != 0
+    assert ready_workers(app, serving) < 4, "the killed swap had retired old workers"
+    app.ship(code="import nosuchmodule\n")
+    r = app.reload()
+    assert r.returncode != 0 and "ModuleNotFoundError" in app.props()["StatusText"], app.props()
+    assert "after an interrupted lockstep swap" in app.journal_with("interrupted lockstep"), app.journal(40)
+    assert app.masters() == [serving] and ready_workers(app, serving) == 4
+    assert app.version() == "v2"
 
 
 def test_max_surge_is_a_generation_only_integer() -> None:
