@@ -4,7 +4,7 @@
 Run on the test host, as root (it boots the real-systemd test bed of tests/testbed.py, five times):
 
     pip install matplotlib          # for the plot; the rest is the standard library
-    sudo python3 bench/reload_bench.py            # full run, ~25 minutes on 2 CPUs
+    sudo python3 bench/reload_bench.py            # full run: 5 containers, ~25-30 min on 2 idle CPUs
     sudo python3 bench/reload_bench.py --quick    # 1 deploy per sweep point, fewer points
     sudo python3 bench/reload_bench.py --quick --parts single,sweeps --modes gated,lockstep,hup --no-plot
 
@@ -651,6 +651,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="fewer reloads and sweep points")
     p.add_argument("--reloads", type=int, default=None, help="reloads per method (default 3, quick 2)")
+    p.add_argument("--sweep-reloads", type=int, default=None, help="deploys per sweep point (default 2, quick 1)")
     p.add_argument("--out", default=str(HERE), help="directory for results.{md,json} and the plot")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.add_argument("--parts", default="single,sweeps,seed,fleet",
@@ -671,7 +672,7 @@ def main() -> int:
         except ImportError:
             p.error("matplotlib is missing: pip install matplotlib (or pass --no-plot)")
     reloads = args.reloads or (2 if args.quick else 3)
-    sweep_reloads = 1 if args.quick else 2
+    sweep_reloads = args.sweep_reloads or (1 if args.quick else 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started_wall = time.strftime("%Y-%m-%d %H:%M:%S %Z")
