@@ -4,7 +4,7 @@
 Run on the test host, as root (it boots the real-systemd test bed of tests/testbed.py, five times):
 
     pip install matplotlib          # for the plot; the rest is the standard library
-    sudo python3 bench/reload_bench.py            # full run: 5 containers, ~25-30 min on 2 idle CPUs
+    sudo python3 bench/reload_bench.py            # full run, 5 containers (results.md says how long)
     sudo python3 bench/reload_bench.py --quick    # 1 deploy per sweep point, fewer points
     sudo python3 bench/reload_bench.py --quick --parts single,sweeps --modes gated,lockstep,hup --no-plot
 
