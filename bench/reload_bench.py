@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
 """Benchmark: how each way of deploying the example app behaves under load, side by side.
 
-Run on the test host, as root (it boots the real-systemd test bed of tests/testbed.py, four times):
+Run on the test host, as root (it boots the real-systemd test bed of tests/testbed.py, five times):
 
     pip install matplotlib          # for the plot; the rest is the standard library
-    sudo python3 bench/reload_bench.py            # full run, ~12 minutes on 2 CPUs
-    sudo python3 bench/reload_bench.py --quick    # fewer reloads and sweep points, a few minutes
+    sudo python3 bench/reload_bench.py            # full run, 5 containers (results.md says how long)
+    sudo python3 bench/reload_bench.py --quick    # 1 deploy per sweep point, fewer points
+    sudo python3 bench/reload_bench.py --quick --parts single,sweeps --modes gated,lockstep,hup --no-plot
 
-Methods compared (each deploys a freshly shipped release, several times, under the same load):
+Modes (the reloader strategies, each in the main table and in both sweeps):
 
-* ``reloader``         -- ``systemctl reload flaskapp`` with reloader's default strategy (new generation)
-* ``reloader hup``     -- ``systemctl reload flaskapp`` with ``strategy = "hup"`` (workers re-forked in place)
-* ``reloader blue-green`` -- examples/flaskapp-blue-green.toml with ``bake_seconds = 1`` (own container)
-* ``reloader rolling`` -- examples/flaskapp-rolling.toml as is: 3 instances x 2 workers (own container)
+* ``gated``      -- ``systemctl reload flaskapp``, the default strategy: a gated new generation
+* ``lockstep``   -- the same with ``[reload] max_surge = 1`` (workers swapped one by one, TTOU/TTIN)
+* ``hup``        -- ``strategy = "hup"`` (workers re-forked in place): the baseline of the "x hup" ratios
+* ``blue-green`` -- examples/flaskapp-blue-green.toml with ``bake_seconds = 1`` (own container)
+* ``rolling``    -- examples/flaskapp-rolling.toml with ``instances = 2`` and workers / 2 per instance, so
+                    every mode runs the same number of workers (own container)
+
+Other methods in the main table:
+
 * ``seed HUP``         -- the original method: ``service nginx reload`` then
                           ``kill -HUP $(ps -C gunicorn fch -o pid | head -n 1)``, on the master systemd
                           started in a freshly installed container (no reloader swap ever ran there)
@@ -21,12 +27,14 @@ Methods compared (each deploys a freshly shipped release, several times, under t
 * ``restart (no socket)`` -- the same with ``socket_activation = false`` (gunicorn binds the socket)
 * ``reloader, after the seed's HUPs`` -- reloader's default strategy on the master the seed's HUPs left behind
 
-plus how reloader's default strategy scales with the number of workers and with the app's import time.
+Sweeps, for each mode: the app's import time (0.1 / 2 / 10 s, at 4 workers) and the worker count (4 / 8 / 16).
 
 The load generator (reloader/loadgen.py) runs inside the container against nginx; every reload command
 runs inside too, wrapped so its start and end are taken on the same monotonic clock as the requests.
 A sampler inside the container sums VmRSS of every process in the app's units' cgroups (flaskapp.service,
-and flaskapp@*.service for blue-green/rolling) every 50 ms, on the same clock.
+and flaskapp@*.service for blue-green/rolling) every 50 ms, on the same clock. The helper's own cost is
+what it reports in the journal at the end of each reload (getrusage: its peak RSS and CPU time, and
+those of its children, the pre-flight and setup commands); the blue-green/rolling controller reports none.
 Writes bench/results.json, bench/results.md and bench/reload_latency.png; prints the tables.
 This is not a test: it asserts nothing and exits 0 unless the bed itself breaks.
 """
@@ -35,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +73,33 @@ SEED = "service nginx reload && kill -HUP $(ps -C gunicorn fch -o pid | head -n 
 RELOAD = "systemctl reload flaskapp"
 RESTART = "systemctl restart flaskapp"
 PS = "ps -C gunicorn fch -o pid | head -n 1; ps -eo pid,ppid,comm,args | grep -v grep | grep gunicorn"
+FLASKAPP = "/src/examples/flaskapp.toml"
 BLUE_GREEN = "/src/examples/flaskapp-blue-green.toml"
 ROLLING = "/src/examples/flaskapp-rolling.toml"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A reloader strategy as the bench runs it: its row label, the example config and [reload] lines."""
+
+    key: str
+    label: str
+    base: str
+    reload: str = ""
+    fleet: bool = False
+    instances: int = 1  #: workers are split across this many instances (rolling)
+
+
+MODES = (
+    Mode("gated", "reloader (gated generation)", FLASKAPP),
+    Mode("lockstep", "reloader lockstep (max_surge = 1)", FLASKAPP, "max_surge = 1"),
+    Mode("hup", "reloader hup", FLASKAPP, 'strategy = "hup"'),
+    Mode("blue-green", "reloader blue-green", BLUE_GREEN, "bake_seconds = 1", fleet=True),
+    Mode("rolling", "reloader rolling", ROLLING, "instances = 2", fleet=True, instances=2),
+)
+HUP_LABEL = "reloader hup"
+#: "reloader: flaskapp: helper cost: peak RSS 31.2 MB, CPU 0.21 s; its children (…): peak RSS 58.0 MB, CPU 0.43 s"
+COST = re.compile(r"helper cost: peak RSS ([\d.]+) MB, CPU ([\d.]+) s; .*peak RSS ([\d.]+) MB, CPU ([\d.]+) s")
 
 STEADY = 2.0  # seconds of steady state measured before each reload
 SETTLE = 2.0  # seconds of load after the new version is seen, before the next reload
@@ -128,16 +163,15 @@ class Bench:
     def __init__(self, c: testbed.Container, app: appbed.App) -> None:
         self.c, self.app = c, app
         c.write_file(TIMED, TIMED_SRC)
-        self.base_config = c.read_file("/src/examples/flaskapp.toml")
 
-    def config(self, *, workers: int = 4, gunicorn: str = "", reload: str = "", name: str = "bench") -> str:
-        text = self.base_config.replace("workers = 4", f"workers = {workers}")
-        text = text.replace("[gunicorn]\n", f"[gunicorn]\n{gunicorn}\n")
-        if reload:
-            text += f"\n[reload]\n{reload}\n"
-        path = f"/root/{name}.toml"
-        self.c.write_file(path, text)
-        return path
+    def config(self, *, workers: int = 4, gunicorn: str = "", reload: str = "", name: str = "bench",
+               base: str = FLASKAPP) -> str:
+        return self.app.variant(gunicorn=f"workers = {workers}\n{gunicorn}", reload=reload,
+                                path=f"/root/{name}.toml", base=base)
+
+    def mode_config(self, mode: Mode, workers: int = 4) -> str:
+        return self.config(workers=max(1, workers // mode.instances), reload=mode.reload, base=mode.base,
+                           name=f"bench-{mode.key}-w{workers}")
 
     def install(self, path: str) -> None:
         r = self.c.run(["reloader", "install", path], check=False, timeout=600)
@@ -192,6 +226,7 @@ class Bench:
                 ev["version"] = version
                 seen = self.app.wait_version(version, timeout=wait)
                 ev["served"] = seen
+                ev["helper"] = self.helper_cost(ev["start"])
                 events.append(ev)
                 log(f"  {label}: {version} command {ev['end'] - ev['start']:.2f} s rc={ev['rc']} "
                     f"served={seen}" + (f" {ev['err'].strip()[-200:]}" if ev["rc"] else ""))
@@ -205,9 +240,25 @@ class Bench:
             f"median {result['median']}")
         return result
 
+    def helper_cost(self, since: float) -> dict[str, float]:
+        """The cost the reload helper reported in the journal for the reload started at *since*."""
+        r = self.c.run("journalctl -u flaskapp -o short-monotonic --no-pager -n 20000 | grep -F 'helper cost'",
+                       check=False)
+        for line in reversed(r.stdout.splitlines()):
+            m = COST.search(line)
+            try:
+                t = float(line[1:line.index("]")])
+            except ValueError:
+                continue
+            if m and t >= since - 0.05:
+                return {"rss_mb": float(m[1]), "cpu_s": float(m[2]), "children_rss_mb": float(m[3]),
+                        "children_cpu_s": float(m[4])}
+        return {}
+
     def steps(self, since: float) -> list[str]:
         """reloader's own journal lines (monotonic timestamps) since *since*: where the reload time goes."""
-        r = self.c.run("journalctl -u flaskapp -u 'flaskapp@*' -o short-monotonic --no-pager -n 600", check=False)
+        r = self.c.run("journalctl -u flaskapp -u 'flaskapp@*' -o short-monotonic --no-pager -n 20000 "
+                       "| grep -E 'reloader:|Reload|Start|Stop|Booting|Listening'", check=False)
         out = []
         for line in r.stdout.splitlines():
             if not line.startswith("[") or "]" not in line:
@@ -290,10 +341,15 @@ def analyse(label: str, command: str, report: dict[str, Any], events: list[dict[
             "keepalive_retries": retries,
             "failures": fails,
             "error": ev["err"].strip()[-300:] if ev["rc"] else "",
+            "helper_rss_mb": ev.get("helper", {}).get("rss_mb"),
+            "helper_cpu_s": ev.get("helper", {}).get("cpu_s"),
+            "helper_children_rss_mb": ev.get("helper", {}).get("children_rss_mb"),
+            "helper_children_cpu_s": ev.get("helper", {}).get("children_cpu_s"),
         })
     keys = ("command_s", "time_to_new_version_s", "p50_ms", "p99_ms", "max_ms", "steady_p50_ms",
             "steady_p99_ms", "throughput_ratio", "rss_steady_mb", "rss_peak_mb", "rss_peak_helper_mb",
-            "rss_peak_processes")
+            "rss_peak_processes", "helper_rss_mb", "helper_cpu_s", "helper_children_rss_mb",
+            "helper_children_cpu_s")
     return {
         "method": label, "command": command, "reloads": len(events),
         "total_requests": report["total"], "failed": report["failed"], "failures": report["failures"],
@@ -351,10 +407,26 @@ def _rss(md: dict[str, Any]) -> str:
     return f"{_f(md['rss_peak_mb'])} / {_f(md['rss_steady_mb'])} MB"
 
 
+def _ratio(m: dict[str, Any], hup: dict[str, Any] | None) -> str:
+    """Time to new version as a multiple of the hup strategy's in the same run (same sweep point)."""
+    mine = m["median"]["time_to_new_version_s"]
+    base = hup and hup["median"]["time_to_new_version_s"]
+    return f"{mine / base:.2f}" if mine and base else "-"
+
+
+def _helper(md: dict[str, Any]) -> str:
+    if md.get("helper_rss_mb") is None:
+        return "-"
+    return (f"{_f(md['helper_rss_mb'])} MB, {_f(md['helper_cpu_s'], '{:.2f}')} s "
+            f"(+ {_f(md['helper_children_rss_mb'])} MB, {_f(md['helper_children_cpu_s'], '{:.2f}')} s)")
+
+
 def methods_table(methods: list[dict[str, Any]]) -> str:
-    rows = ["| Method | Failed requests | Keep-alive retries | Time to new version | Command returns after "
-            "| p50 / p99 during | steady p99 | Throughput during | RSS peak / steady |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    hup = next((m for m in methods if m["method"] == HUP_LABEL), None)
+    rows = ["| Method | Failed requests | Keep-alive retries | Time to new version | x hup | Command returns after "
+            "| p50 / p99 during | steady p99 | Throughput during | RSS peak / steady | Helper peak RSS, CPU "
+            "(+ pre-flight) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         md = m["median"]
         never = f" ({len(m['never_served'])}/{m['reloads']} never)" if m["never_served"] else ""
@@ -362,26 +434,31 @@ def methods_table(methods: list[dict[str, Any]]) -> str:
             never += f" (command failed {len(m['command_failed'])}/{m['reloads']})"
         rows.append(
             f"| {m['method']} | {_fails(m)} | {m['keepalive_retries']} "
-            f"| {_f(md['time_to_new_version_s'], '{:.2f} s')}{never} "
+            f"| {_f(md['time_to_new_version_s'], '{:.2f} s')}{never} | {_ratio(m, hup)} "
             f"| {_f(md['command_s'], '{:.2f} s')} | {_f(md['p50_ms'])} / {_f(md['p99_ms'])} ms "
             f"| {_f(md['steady_p99_ms'])} ms | {_f(md['throughput_ratio'] and md['throughput_ratio'] * 100)} % "
-            f"| {_rss(md)} |")
+            f"| {_rss(md)} | {_helper(md)} |")
     return "\n".join(rows)
 
 
 def sweep_table(title: str, key: str, rows_in: list[dict[str, Any]]) -> str:
-    rows = [f"| {title} | Reload command | Time to new version | p99 during | Failed requests "
-            "| Keep-alive retries | RSS peak / steady |",
-            "|---|---|---|---|---|---|---|"]
-    for m in rows_in:
+    """One row per (sweep point, mode), the point's hup row as the ratio's base."""
+    rows = [f"| {title} | Mode | Reload command | Time to new version | x hup | p99 during | Failed requests "
+            "| Keep-alive retries | RSS peak / steady | Helper peak RSS, CPU (+ pre-flight) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {mode.key: i for i, mode in enumerate(MODES)}
+    for m in sorted(rows_in, key=lambda r: (r["point"], order.get(r["mode"], 99))):
         md = m["median"]
-        rows.append(f"| {m[key]} | {_f(md['command_s'], '{:.2f} s')} | {_f(md['time_to_new_version_s'], '{:.2f} s')} "
-                    f"| {_f(md['p99_ms'])} ms | {_fails(m)} | {m['keepalive_retries']} | {_rss(md)} |")
+        hup = next((r for r in rows_in if r["mode"] == "hup" and r[key] == m[key]), None)
+        failed = f" (command failed {len(m['command_failed'])}/{m['reloads']})" if m["command_failed"] else ""
+        rows.append(f"| {m[key]} | {m['mode']} | {_f(md['command_s'], '{:.2f} s')}{failed} "
+                    f"| {_f(md['time_to_new_version_s'], '{:.2f} s')} | {_ratio(m, hup)} "
+                    f"| {_f(md['p99_ms'])} ms | {_fails(m)} | {m['keepalive_retries']} | {_rss(md)} | {_helper(md)} |")
     return "\n".join(rows)
 
 
-PLOTTED = ("reloader", "reloader hup", "reloader blue-green", "reloader rolling", "seed HUP", "restart (socket)",
-           "restart (no socket)")
+PLOTTED = ("reloader (gated generation)", "reloader lockstep (max_surge = 1)", "reloader hup", "reloader blue-green",
+           "reloader rolling", "seed HUP", "restart (socket)", "restart (no socket)")
 
 
 def plot(methods: list[dict[str, Any]], path: Path) -> None:
@@ -433,14 +510,37 @@ def plot(methods: list[dict[str, Any]], path: Path) -> None:
 
 
 # --- main -------------------------------------------------------------------------------------------------
+def sweep_points(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    if args.quick:
+        return (4, 8), (0.1, 2.0)
+    return (4, 8, 16), (0.1, 2.0, 10.0)
+
+
+def sweep(b: Bench, mode: Mode, args: argparse.Namespace, sweep_reloads: int,
+          workers_rows: list[dict[str, Any]], import_rows: list[dict[str, Any]]) -> None:
+    """*mode* at each worker count (fast import) and each import time (4 workers), in the bed *b*."""
+    worker_counts, import_times = sweep_points(args)
+    for n in worker_counts:
+        b.install(b.mode_config(mode, n))
+        m = b.run_method(f"{mode.label}, {n} workers", RELOAD, sweep_reloads)
+        m.update(mode=mode.key, workers=n, point=n)
+        workers_rows.append(m)
+    b.install(b.mode_config(mode))
+    for t in import_times:
+        m = b.run_method(f"{mode.label}, import {t:g} s", RELOAD, sweep_reloads,
+                         extra=f"\nimport time\ntime.sleep({t})\n", wait=120)
+        m.update(mode=mode.key, import_s=f"{t:g} s", point=t)
+        import_rows.append(m)
+    b.app.ship()  # a fast release again before the next install
+
+
 def single_unit_methods(args: argparse.Namespace, reloads: int, sweep_reloads: int,
                         env: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """One container, examples/flaskapp.toml and variants: the single-master methods and the sweeps."""
-    worker_counts = (4, 8, 16)
-    import_times = (0.1, 2.0) if args.quick else (0.1, 2.0, 10.0)
+    """One container, examples/flaskapp.toml and variants: the single-master methods and their sweeps."""
     methods: dict[str, dict[str, Any]] = {}
     workers_rows: list[dict[str, Any]] = []
     import_rows: list[dict[str, Any]] = []
+    modes = [m for m in MODES if not m.fleet and m.key in args.modes]
     with testbed.boot("bookworm") as c:
         app = appbed.App(c)
         log(f"container {c.name} booted; installing the example app")
@@ -458,41 +558,30 @@ def single_unit_methods(args: argparse.Namespace, reloads: int, sweep_reloads: i
         env["rss_cgroups_single"] = c.run("ls -d /sys/fs/cgroup/system.slice/flaskapp.service "
                                           "/sys/fs/cgroup/unified/system.slice/flaskapp.service 2>/dev/null",
                                           check=False).stdout.split()
-        ps = PS
-        env["ps_gunicorn_fresh_master"] = c.run(ps, check=False).stdout
         b.nginx_errors()  # start each method with an empty nginx error log
-        methods["reloader"] = b.run_method("reloader", RELOAD, reloads)
-        # After generation swaps the master was re-executed by USR2 (as python3); it now renames itself
-        # "gunicorn" (prctl in when_ready). Does the seed's `ps -C gunicorn` still find it and deploy?
-        env["ps_gunicorn_after_swap"] = c.run(ps, check=False).stdout
-        env["mainpid_after_swap"] = app.props()["MainPID"]
-        log(f"seed after a swap: MainPID {env['mainpid_after_swap']}, "
-            f"ps: {env['ps_gunicorn_after_swap'].splitlines()[:2]}")
-        methods["seed HUP, after a swap"] = b.run_method("seed HUP, after a swap", seed, 2, wait=20)
-        methods["restart (socket)"] = b.run_method("restart (socket)", RESTART, reloads)
-
+        if "single" in args.parts:
+            env["ps_gunicorn_fresh_master"] = c.run(PS, check=False).stdout
+            for mode in modes:
+                b.install(b.mode_config(mode))
+                methods[mode.label] = b.run_method(mode.label, RELOAD, reloads)
+                if mode.key == "gated":
+                    # After generation swaps the master was re-executed by USR2 (as python3); it renames
+                    # itself "gunicorn" (prctl in when_ready). Does the seed's `ps -C gunicorn` still find it?
+                    env["ps_gunicorn_after_swap"] = c.run(PS, check=False).stdout
+                    env["mainpid_after_swap"] = app.props()["MainPID"]
+                    log(f"seed after a swap: MainPID {env['mainpid_after_swap']}, "
+                        f"ps: {env['ps_gunicorn_after_swap'].splitlines()[:2]}")
+                    methods["seed HUP, after a swap"] = b.run_method("seed HUP, after a swap", seed, 2, wait=20)
+                    methods["restart (socket)"] = b.run_method("restart (socket)", RESTART, reloads)
         if "sweeps" in args.parts:
-            for n in worker_counts:
-                b.install(b.config(workers=n, name=f"bench-w{n}"))
-                m = b.run_method(f"reloader, {n} workers", RELOAD, sweep_reloads)
-                m["workers"] = n
-                workers_rows.append(m)
-            b.install(b.config(name="bench-default"))
-            for s in import_times:
-                m = b.run_method(f"reloader, import {s:g} s", RELOAD, sweep_reloads,
-                                 extra=f"\nimport time\ntime.sleep({s})\n")
-                m["import_s"] = f"{s:g} s"
-                import_rows.append(m)
-            app.ship()  # a fast release again before reinstalling
-
-        b.install(b.config(reload='strategy = "hup"', name="bench-hup"))
-        methods["reloader hup"] = b.run_method("reloader hup", RELOAD, reloads)
-
-        # Without socket activation: stop everything, then install the variant (starts it fresh).
-        c.run("systemctl stop flaskapp.service flaskapp.socket; systemctl disable flaskapp.socket", check=False)
-        b.install(b.config(gunicorn="socket_activation = false", name="bench-nosocket"))
-        methods["restart (no socket)"] = b.run_method("restart (no socket)", RESTART, reloads)
-    order = ("reloader", "reloader hup", "seed HUP, after a swap", "restart (socket)", "restart (no socket)")
+            for mode in modes:
+                sweep(b, mode, args, sweep_reloads, workers_rows, import_rows)
+        if "single" in args.parts:
+            # Without socket activation: stop everything, then install the variant (starts it fresh).
+            c.run("systemctl stop flaskapp.service flaskapp.socket; systemctl disable flaskapp.socket", check=False)
+            b.install(b.config(gunicorn="socket_activation = false", name="bench-nosocket"))
+            methods["restart (no socket)"] = b.run_method("restart (no socket)", RESTART, reloads)
+    order = [m.label for m in modes] + ["seed HUP, after a swap", "restart (socket)", "restart (no socket)"]
     return [methods[k] for k in order if k in methods], workers_rows, import_rows
 
 
@@ -519,26 +608,33 @@ def seed_methods(reloads: int, env: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def fleet_method(label: str, base: str, reload: str, reloads: int, env: dict[str, Any]) -> dict[str, Any] | None:
-    """A fresh container with a blue-green or rolling example installed: *reloads* deploys under load."""
+def fleet_method(mode: Mode, args: argparse.Namespace, reloads: int, sweep_reloads: int, env: dict[str, Any],
+                 workers_rows: list[dict[str, Any]], import_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A fresh container with a blue-green or rolling example installed: *reloads* deploys under load
+    (part "fleet"), then the sweeps (part "sweeps")."""
     try:
         with testbed.boot("bookworm") as c:
             app = appbed.App(c)
-            log(f"container {c.name} booted; installing {base} ({reload or 'as is'})")
-            app.install(app.variant(base=base, reload=reload))
-            if not app.wait_version("v1"):
-                raise RuntimeError(f"{label}: the app did not come up:\n" + app.journal(40))
             b = Bench(c, app)
-            env.setdefault("rss_cgroups_fleet", {})[label] = c.run(
+            config = b.mode_config(mode)
+            log(f"container {c.name} booted; installing {config} ({mode.base} + {mode.reload})")
+            app.install(config)
+            if not app.wait_version("v1"):
+                raise RuntimeError(f"{mode.label}: the app did not come up:\n" + app.journal(40))
+            env.setdefault("rss_cgroups_fleet", {})[mode.label] = c.run(
                 "ls -d /sys/fs/cgroup/system.slice/flaskapp.service "
                 "/sys/fs/cgroup/system.slice/system-flaskapp.slice/*.service 2>/dev/null", check=False).stdout.split()
             b.nginx_errors()
-            m = b.run_method(label, RELOAD, reloads)
-            m["config"] = f"{base}" + (f" + {reload}" if reload else "")
+            m = None
+            if "fleet" in args.parts:
+                m = b.run_method(mode.label, RELOAD, reloads)
+                m["config"] = f"{mode.base} + {mode.reload}, workers = {4 // mode.instances} per instance"
+            if "sweeps" in args.parts:
+                sweep(b, mode, args, sweep_reloads, workers_rows, import_rows)
             return m
     except Exception as e:  # noqa: BLE001 - keep the other methods' results; the error is reported
-        log(f"{label}: FAILED: {e}")
-        env.setdefault("errors", []).append(f"{label}: {str(e)[-1500:]}")
+        log(f"{mode.label}: FAILED: {e}")
+        env.setdefault("errors", []).append(f"{mode.label}: {str(e)[-1500:]}")
         return None
 
 
@@ -554,22 +650,29 @@ def _commit() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="fewer reloads and sweep points")
-    p.add_argument("--reloads", type=int, default=None, help="reloads per method (default 5, quick 2)")
+    p.add_argument("--reloads", type=int, default=None, help="reloads per method (default 3, quick 2)")
+    p.add_argument("--sweep-reloads", type=int, default=None, help="deploys per sweep point (default 2, quick 1)")
     p.add_argument("--out", default=str(HERE), help="directory for results.{md,json} and the plot")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.add_argument("--parts", default="single,sweeps,seed,fleet",
-                   help="comma-separated subset of single (single-master methods), sweeps (workers, import "
-                        "time; needs single), seed (the seed's method on a fresh master), fleet (blue-green, "
-                        "rolling); default all")
+                   help="comma-separated subset of single (the single-master modes and methods), sweeps (each "
+                        "mode by worker count and import time), seed (the seed's method on a fresh master), "
+                        "fleet (blue-green, rolling); default all")
+    p.add_argument("--modes", default=",".join(m.key for m in MODES),
+                   help="comma-separated subset of the modes " + ", ".join(m.key for m in MODES) + " (default all)")
     args = p.parse_args()
     args.parts = set(args.parts.split(","))
+    args.modes = set(args.modes.split(","))
+    unknown = args.modes - {m.key for m in MODES}
+    if unknown:
+        p.error(f"unknown mode {', '.join(sorted(unknown))}; use {', '.join(m.key for m in MODES)}")
     if not args.no_plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             p.error("matplotlib is missing: pip install matplotlib (or pass --no-plot)")
-    reloads = args.reloads or (2 if args.quick else 5)
-    sweep_reloads = 1 if args.quick else 3
+    reloads = args.reloads or (2 if args.quick else 3)
+    sweep_reloads = args.sweep_reloads or (1 if args.quick else 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started_wall = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -584,7 +687,8 @@ def main() -> int:
     methods: list[dict[str, Any]] = []
     workers_rows: list[dict[str, Any]] = []
     import_rows: list[dict[str, Any]] = []
-    if "single" in args.parts:
+    single_modes = [m for m in MODES if not m.fleet and m.key in args.modes]
+    if "single" in args.parts or ("sweeps" in args.parts and single_modes):
         methods, workers_rows, import_rows = single_unit_methods(args, reloads, sweep_reloads, env)
     if "seed" in args.parts:
         env.setdefault("seed_command", SEED)
@@ -592,10 +696,10 @@ def main() -> int:
         at = next((i for i, m in enumerate(methods) if m["method"] == "seed HUP, after a swap"), len(methods))
         methods[at:at] = seeds[:1]
         methods += seeds[1:]
-    if "fleet" in args.parts:
-        fleet = [fleet_method("reloader blue-green", BLUE_GREEN, "bake_seconds = 1", reloads, env),
-                 fleet_method("reloader rolling", ROLLING, "", reloads, env)]
-        at = 2 if len(methods) >= 2 else len(methods)  # after "reloader" and "reloader hup"
+    if args.parts & {"fleet", "sweeps"} and any(m.fleet and m.key in args.modes for m in MODES):
+        fleet = [fleet_method(mode, args, reloads, sweep_reloads, env, workers_rows, import_rows)
+                 for mode in MODES if mode.fleet and mode.key in args.modes]
+        at = next((i + 1 for i, m in enumerate(methods) if m["method"] == HUP_LABEL), len(methods))
         methods[at:at] = [m for m in fleet if m]
 
     load_after = Path("/proc/loadavg").read_text().split()[:3]
@@ -624,18 +728,22 @@ def main() -> int:
         "the command's start until the next deploy, against the median over the 1.5 s before it. Shared "
         "pages of forked workers count once per process, and the peak includes reloader's own helper and "
         "its pre-flight process. blue-green runs with `bake_seconds = 1` (the example has 5; the default "
-        "strategy bakes 2 s); rolling is the example as is, 3 instances x 2 workers. "
+        "strategy bakes 2 s); rolling with 2 instances of workers / 2 each (the example has 3 x 2). x hup: "
+        "time to new version over the hup strategy's in the same run (the same sweep point). Helper: the "
+        "reload helper's own peak RSS and CPU time as it reports them (getrusage), + its children's "
+        "(pre-flight, setup); median over deploys. "
         f"Host load average {' '.join(load_before)} before, {' '.join(load_after)} after (compare rows of "
         "one run, not runs).",
         "",
         methods_table(methods),
     ]
     if workers_rows:
-        md += ["", f"reloader's default strategy by worker count ({sweep_reloads} deploys each, median):", "",
-               sweep_table("Workers", "workers", workers_rows)]
+        md += ["", f"Each mode by worker count ({sweep_reloads} deploys each, median; rolling: 2 instances of "
+               "workers / 2):", "", sweep_table("Workers", "workers", workers_rows)]
     if import_rows:
-        md += ["", f"reloader's default strategy by app import time ({sweep_reloads} deploys each, median; the "
-               "pre-flight imports the release too, then the new workers do, then the 2 s bake):", "",
+        md += ["", f"Each mode by app import time at 4 workers ({sweep_reloads} deploys each, median; gated "
+               "and lockstep import the release in the pre-flight and the new workers at the same time, "
+               "lockstep one worker after another; then the bake):", "",
                sweep_table("Import time", "import_s", import_rows)]
     if env.get("errors"):
         md += ["", "Errors:", "", *[f"    {e.splitlines()[0]}" for e in env["errors"]]]

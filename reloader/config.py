@@ -253,6 +253,9 @@ class AppConfig:
     ready_timeout: int = toml("reload", 120, kind="integer", low=1, high=3600)
     bake_seconds: float = toml("reload", 2.0, kind="number", low=0, high=3600)
     instances: int = toml("reload", 3, kind="integer", low=2, high=32)
+    #: strategy "generation": start the new master with this many workers and swap the rest in lockstep
+    #: (TTOU old, TTIN new), so at most workers + max_surge run; 0: a full second generation.
+    max_surge: int = toml("reload", 0, kind="integer", low=0, high=512)
     #: The ExecReload= helper (parse() defaults it to :func:`default_helper`).
     helper: str = toml("reload", DEB_HELPER, kind="path")
     #: Where release directories live ("" = the directory holding the release ``current`` points at).
@@ -693,6 +696,8 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
     if strategy.multi_instance and len(f"{socket}-{instances}".encode()) > 107:
         gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
+    if rel.has("max_surge") and not strategy.new_generation:
+        rel.fail("max_surge", f"only applies to strategy = \"generation\" (not {strategy.value!r})")
     rel.read("helper", default_helper())
     releases_root = rel.read("releases_root")
     if releases_root == "/":

@@ -100,41 +100,101 @@ def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False, release
     *as_app_user* drops from root to the app's user first (the blue-green/rolling controller runs as root).
     *release_dir* / *python*: the release and interpreter the caller resolved (default: the configured ones).
     """
-    release_dir = release_dir or app.working_directory
-    python = python or app.python
-    n.status(f"pre-flight: importing {app.wsgi} from {os.path.basename(os.path.realpath(release_dir))} and "
-             f"requesting {app.health_path}")
-    script = Path(__file__).with_name("preflight.py")
-    drop = {"user": app.user, "group": app.group, "extra_groups": []} if as_app_user else {}
-    try:
-        p = subprocess.Popen([python, str(script), *preflight_args(app)], cwd=release_dir,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             **drop)
-    except OSError as e:
-        raise Refused(f"cannot run the pre-flight with {python}: {e.strerror}") from None
-    deadline = time.monotonic() + app.preflight_timeout
-    out = err = ""
-    while True:
+    check = Preflight(app, n, as_app_user=as_app_user, release_dir=release_dir, python=python)
+    while not check.done():
+        n.extend()
+        time.sleep(0.05)
+    check.result()
+
+
+class Preflight:
+    """The pre-flight as a process running next to other work: the gated generation boots meanwhile.
+
+    ``done()`` polls (and enforces ``preflight_timeout``), ``result()`` waits and raises :class:`Refused`
+    with the pre-flight's reason, ``stop()`` kills it when the reload is refused for another reason."""
+
+    def __init__(self, app: AppConfig, n: Notifier, *, as_app_user: bool = False, release_dir: str = "",
+                 python: str = "") -> None:
+        import threading
+
+        self.app, self.n = app, n
+        release_dir = release_dir or app.working_directory
+        python = python or app.python
+        n.status(f"pre-flight: importing {app.wsgi} from {os.path.basename(os.path.realpath(release_dir))} and "
+                 f"requesting {app.health_path}")
+        script = Path(__file__).with_name("preflight.py")
+        drop = {"user": app.user, "group": app.group, "extra_groups": []} if as_app_user else {}
         try:
-            out, err = p.communicate(timeout=1)
-            break
-        except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except PermissionError:  # no CAP_KILL: at least the process we started
-                    p.kill()
-                p.communicate()
-                raise Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
-                              "(a hanging import? raise preflight_timeout if the app is just slow)") from None
-            n.extend()
-    result = _last_json(out)
-    if result is None:
-        tail = " ".join(err.strip().splitlines()[-1:]) or f"exit status {p.returncode}"
-        raise Refused(f"pre-flight crashed: {tail}")
-    if not result.get("ok"):
-        raise Refused(str(result.get("error")))
-    n.status(f"pre-flight passed: {app.health_path} answered {result.get('status')}")
+            self.p = subprocess.Popen([python, str(script), *preflight_args(app)], cwd=release_dir,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True, **drop)
+        except OSError as e:
+            raise Refused(f"cannot run the pre-flight with {python}: {e.strerror}") from None
+        self.started = time.monotonic()
+        self.finished = 0.0  #: when its process ended (monotonic)
+        self.deadline = self.started + app.preflight_timeout
+        self.timed_out = False
+        self.output = ("", "")
+        # communicate() in a thread: the pipes are drained whatever the app prints while we poll.
+        self._reader = threading.Thread(target=self._communicate, daemon=True)
+        self._reader.start()
+        self._verdict: Refused | None | bool = False  # False: not decided yet
+
+    def _communicate(self) -> None:
+        self.output = self.p.communicate()
+        self.finished = time.monotonic()
+
+    def done(self) -> bool:
+        if self._reader.is_alive() and time.monotonic() >= self.deadline:
+            self.timed_out = True
+            self.stop()
+        return not self._reader.is_alive()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except PermissionError:  # no CAP_KILL: at least the process we started
+                self.p.kill()
+            except ProcessLookupError:
+                pass
+        self._reader.join()
+
+    def result(self) -> None:
+        """Wait for the verdict; raise Refused if the release failed it (the same one every call)."""
+        while not self.done():
+            self.n.extend()
+            time.sleep(0.05)
+        if self._verdict is False:
+            self._verdict = self._judge()
+            if self._verdict is None:
+                self.n.status(f"pre-flight passed: {self.app.health_path} answered {self._status}")
+        if isinstance(self._verdict, Refused):
+            raise Refused(str(self._verdict))
+
+    def verdict(self) -> Refused | None:
+        """After another step failed: the pre-flight's refusal, if it refused (its reason names the app's
+        file and line, which "the new generation exited while booting" does not), else None."""
+        try:
+            self.result()
+        except Refused as e:
+            return e
+        return None
+
+    def _judge(self) -> Refused | None:
+        app = self.app
+        if self.timed_out:
+            return Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
+                           "(a hanging import? raise preflight_timeout if the app is just slow)")
+        out, err = self.output
+        result = _last_json(out or "")
+        if result is None:
+            tail = " ".join((err or "").strip().splitlines()[-1:]) or f"exit status {self.p.returncode}"
+            return Refused(f"pre-flight crashed: {tail}")
+        if not result.get("ok"):
+            return Refused(str(result.get("error")))
+        self._status = result.get("status")
+        return None
 
 
 def preflight_args(app: AppConfig) -> list[str]:

@@ -180,16 +180,20 @@ def boot_request_path(app: AppConfig) -> Path:
     return Path(app.boot_request)
 
 
-def write_boot_request(app: AppConfig, master: int, release: Release, environ: dict[str, str]) -> None:
+def write_boot_request(app: AppConfig, master: int, release: Release, environ: dict[str, str], *,
+                       gated: bool = False, workers: int = 0) -> None:
     """Tell the master about to be signalled (USR2 or HUP) what to boot: *release* with *environ*.
 
     *environ* is the helper's own environment, which systemd built from the unit's current
     ``Environment=``/``EnvironmentFile=``; systemd's per-process variables are left out (the new master
-    keeps its parent's). Mode 0600: it holds the app's secrets."""
+    keeps its parent's). Mode 0600: it holds the app's secrets. For a USR2 child: *gated*, its workers
+    wait for the helper's gate-open before they accept; *workers*, how many it starts with (0: the
+    configured count). Both only while this helper (``helper``) runs."""
     env = {k: v for k, v in environ.items() if k not in PER_PROCESS_ENV and not k.startswith("RELOADER_")}
     python = os.path.join(release.virtualenv, "bin", "python3") if release.virtualenv else app.python
     body = {"master": master, "release": release.release, "virtualenv": release.virtualenv,
-            "python": python, "environ": env, "keep": list(PER_PROCESS_ENV)}
+            "python": python, "environ": env, "keep": list(PER_PROCESS_ENV), "helper": os.getpid(),
+            "gated": gated, "workers": workers}
     write_atomic(boot_request_path(app), json.dumps(body) + "\n", 0o600)
 
 

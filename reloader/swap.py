@@ -1,12 +1,18 @@
-"""The reload engine that runs as the unit's ``ExecReload=``: one state machine, each step named.
+"""The reload engine that runs as the unit's ``ExecReload=``: one state machine per strategy, each step named.
 
-    clean up strays → setup commands → pre-flight → spawn new generation → wait ready → bake
-    → hand MAINPID over → retire old generation → confirm           (strategy "generation", the default)
-    clean up strays → setup commands → pre-flight → HUP → wait new workers → bake → confirm   ("hup")
+    "generation" (the default): a gated new generation
+        clean up strays → setup commands → pre-flight ∥ new generation (its workers load the app, then
+        wait at the gate) → every new worker ready and the pre-flight passed → open the gate → bake
+        → hand MAINPID over → retire old generation → confirm
+    "generation" with max_surge = S: lockstep, at most workers + S workers at any time
+        … → pre-flight ∥ new generation of S gated workers → open the gate → trade: TTOU old, TTIN new,
+        until the new master has them all → bake → hand MAINPID over → retire old → confirm
+    "hup": clean up strays → setup commands → pre-flight → HUP → wait new workers → bake → confirm
 
-Any failure before the old generation is retired rolls back: the new master is stopped gracefully and
-the old one, which was never touched, keeps serving. The helper exits non-zero and says why in
-``STATUS=`` and on stderr (the journal), so ``systemctl reload`` fails and ``systemctl status`` shows it.
+Any failure before the old generation is retired rolls back: a lockstep swap first gives the old master
+its full worker count back, then the new master is stopped (fast if its gate never opened: its workers
+never took a request); the old one keeps serving. The helper exits non-zero and says why in ``STATUS=``
+and on stderr (the journal), so ``systemctl reload`` fails and ``systemctl status`` shows it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,21 @@ from pathlib import Path
 
 from . import proc, releases, setup_commands
 from .config import AppConfig
-from .engine import Notifier, Refused, exclusive, health, monotonic_usec, preflight, ready_workers, worker_exits
+from .engine import (
+    Notifier,
+    Preflight,
+    Refused,
+    exclusive,
+    health,
+    monotonic_usec,
+    preflight,
+    ready_workers,
+    worker_exits,
+)
+
+#: Between two signals to one master: CPython runs a signal's handler once however often it arrived
+#: before the handler ran, so two TTINs sent back to back can add a single worker.
+SIGNAL_GAP = 0.1
 
 
 class Swap:
@@ -35,6 +55,12 @@ class Swap:
         self.n = notifier
         self.main_pid_from_bus = main_pid_from_bus
         self.ready_dir = Path(app.ready_dir)
+        #: The new generation's gate is open: its workers accept (and a rollback must stop it gracefully).
+        self.gate_open = False
+        #: How many workers the old master runs now (lockstep lowers it with TTOU, a rollback raises it).
+        self.old_workers = app.workers
+        self._signalled: dict[int, float] = {}
+        self.ready_at = 0.0  #: when wait_ready last saw every worker it waited for ready (monotonic)
         #: The release this reload deploys, resolved once at its start: the pre-flight's cwd, the new
         #: master's chdir and what gets recorded live, whatever ``current`` points at meanwhile.
         self.target = releases.Release(releases.resolve_current(app), releases.resolve_virtualenv(app))
@@ -58,17 +84,20 @@ class Swap:
                 self.clean_up_strays()
                 tried = True
                 try:
-                    self.preflight()
-                    if self.app.strategy == "hup":
-                        workers = self.reload_by_hup()
+                    self.setup(self.release_dir)
+                    if self.app.strategy.keeps_master:
+                        self.reload_by_hup()
+                    elif self.app.max_surge:
+                        self.reload_in_lockstep()
                     else:
-                        workers = self.reload_by_new_generation()
+                        self.reload_by_gated_generation()
                 finally:
                     releases.clear_boot_request(self.app)
         except Refused as e:
             serving = self._serving()
             self.n.status(f"reload refused: release {self.release()}: {e}"
                           + (f"; still serving {serving}" if serving else ""))
+            self.report_cost()
             if tried:
                 try:
                     releases.record_refused(self.app, self.release_dir, str(e))
@@ -88,38 +117,61 @@ class Swap:
                           f"run `reloader install` (it creates {self.app.state_dir} for the app user)")
             self.n.send("READY=1")
             return 1
+        workers = len(self._ready_workers(master))  # seen ready now, not the configured count
+        cost = self.report_cost()
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
-                      f"(master {master}, reload took {time.monotonic() - started:.1f} s)")
+                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost})")
         self.n.send("READY=1")
         self.n.barrier()
         return 0
 
-    def reload_by_new_generation(self) -> int:
-        self.spawn_new_generation()
+    def reload_by_gated_generation(self) -> None:
+        """The new generation boots while the pre-flight runs; its workers take no request before both
+        the pre-flight passed and every one of them loaded the app."""
+        check = self.start_preflight()
         try:
-            workers = self.wait_ready(self.new)
+            self.spawn_new_generation(gated=True)
+            self.wait_ready(self.new, self.app.workers, check)
+            self.open_gate(self.new, check)
             self.bake(self.new)
             self.hand_over()
-        except Refused:
+        except Refused as e:
             self.roll_back()
-            raise
+            raise check.verdict() or e from None
         self.retire_old_generation()
         self.confirm()
-        return workers
 
-    def reload_by_hup(self) -> int:
+    def reload_in_lockstep(self) -> None:
+        """max_surge = S: at most workers + S workers run, and never fewer than workers serve."""
+        surge = min(self.app.max_surge, self.app.workers)
+        check = self.start_preflight()
+        try:
+            self.spawn_new_generation(gated=True, workers=surge)
+            self.wait_ready(self.new, surge, check)
+            self.open_gate(self.new, check)
+            self.trade_workers(surge)
+            self.bake(self.new)
+            self.hand_over()
+        except Refused as e:
+            self.restore_old_generation()
+            self.roll_back()
+            raise check.verdict() or e from None
+        self.retire_old_generation()
+        self.confirm()
+
+    def reload_by_hup(self) -> None:
+        self.preflight()
         before = set(proc.children(self.old))
         exited_before = self._exits(self.old)
         self.request_boot(self.old)
         self.n.status(f"HUP to master {self.old}: replacing its {len(before)} workers")
         proc.send(self.old, signal.SIGHUP)
-        workers = self.wait_ready(self.old, exclude=before)
+        self.wait_ready(self.old, self.app.workers, exclude=before)
         self.n.status("waiting for the old workers to finish their requests")
         if not proc.wait_for(lambda: not any(proc.alive(p) and proc.ppid(p) == self.old for p in before),
                              self.app.graceful_timeout + 10, tick=self.n.extend):
             raise Refused("old workers did not exit within graceful_timeout")
         self.bake(self.old, expected_exits=before | exited_before)
-        return workers
 
     # --- steps ------------------------------------------------------------------------------------
     def clean_up_strays(self) -> None:
@@ -135,27 +187,46 @@ class Swap:
             proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.old, 5)
         for child in proc.children(self.old):
             if _is_master(child, self.app):
+                self.restore_worker_count(stray=child)
                 self.n.status(f"stopping stray new master {child} left by an interrupted reload")
                 proc.send(child, signal.SIGTERM)
                 if not proc.wait_for(lambda c=child: not proc.alive(c), self.app.graceful_timeout + 10,
                                      tick=self.n.extend):
                     raise Refused(f"stray master {child} did not exit")
         # Let the old master reap it (it ignores USR2 while it still has a child master).
-        proc.wait_for(lambda: not Path(self.app.pidfile + ".2").exists(), 3)
+        proc.wait_for(lambda: not Path(self.app.new_pidfile).exists(), 3)
         if self.ready_dir.is_dir():
             for entry in self.ready_dir.iterdir():
                 if entry.name.isdigit() and not proc.alive(int(entry.name)):
                     _rmtree(entry)
 
+    def restore_worker_count(self, stray: int) -> None:
+        """A helper killed mid-lockstep left the old master with fewer workers (its TTOUs): TTIN it back
+        to ``workers`` before the stray new master, which serves the rest, is stopped."""
+        workers = [p for p in proc.children(self.old) if p != stray and not _is_master(p, self.app)]
+        missing = self.app.workers - len(workers)
+        if missing <= 0:
+            return
+        self.n.status(f"master {self.old} runs {len(workers)} of {self.app.workers} workers after an interrupted "
+                      f"lockstep swap: adding {missing} (TTIN)")
+        for _ in range(missing):
+            self.signal_master(self.old, signal.SIGTTIN)
+        if not proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
+                             self.app.ready_timeout, tick=self.n.extend):
+            raise Refused(f"master {self.old} did not get back to {self.app.workers} workers within ready_timeout")
+
     def preflight(self) -> None:
-        self.setup(self.release_dir)
         preflight(self.app, self.n, release_dir=self.release_dir, python=self._python())
 
-    def request_boot(self, master: int) -> None:
+    def start_preflight(self) -> Preflight:
+        return Preflight(self.app, self.n, release_dir=self.release_dir, python=self._python())
+
+    def request_boot(self, master: int, *, gated: bool = False, workers: int = 0) -> None:
         """Hand the next master (the USR2 child of *master*, or *master* itself on HUP) the resolved
         release and the unit's current environment, which systemd gave this helper."""
         try:
-            releases.write_boot_request(self.app, master, self.target, dict(os.environ))
+            releases.write_boot_request(self.app, master, self.target, dict(os.environ), gated=gated,
+                                        workers=workers)
         except OSError as e:
             raise Refused(f"cannot write {releases.boot_request_path(self.app)}: {e.strerror}") from None
 
@@ -168,12 +239,13 @@ class Swap:
         except setup_commands.SetupFailed as e:
             raise Refused(str(e)) from None
 
-    def spawn_new_generation(self) -> None:
-        self.request_boot(self.old)
-        self.n.status(f"starting a new generation next to master {self.old} (USR2)")
+    def spawn_new_generation(self, *, gated: bool = False, workers: int = 0) -> None:
+        self.request_boot(self.old, gated=gated, workers=workers)
+        self.n.status(f"starting a new generation next to master {self.old} (USR2"
+                      + (f", {workers} workers" if workers else "") + (", gated" if gated else "") + ")")
         before = set(proc.children(self.old))
         proc.send(self.old, signal.SIGUSR2)
-        pidfile2 = self.app.pidfile + ".2"
+        pidfile2 = self.app.new_pidfile
         forked: set[int] = set()
 
         def found() -> bool:
@@ -192,22 +264,86 @@ class Swap:
         if not proc.wait_for(found, 30, tick=self.n.extend):
             raise Refused(f"master {self.old} did not start a new master within 30 s (no {pidfile2})")
 
-    def wait_ready(self, master: int, exclude: set[int] = frozenset()) -> int:
-        """Wait until *every* worker of *master* has loaded the app (the post_worker_init hook ran)."""
-        want = self.app.workers
-        self.n.status(f"waiting for {want} workers of master {master} to load the app")
+    def wait_ready(self, master: int, want: int, check: Preflight | None = None,
+                   exclude: set[int] = frozenset(), *, no_exits: bool = False) -> None:
+        """Wait until *want* workers of *master* have loaded the app (the post_worker_init hook ran) and,
+        with *check*, the pre-flight running meanwhile passed (its refusal ends the wait at once).
+        *no_exits*: a worker of *master* that dies is a failure (lockstep: it was serving)."""
+        self.n.status(f"waiting for {want} workers of master {master} to load the app"
+                      + (" (gated until the pre-flight passes)" if check else ""))
+        exits_before = self._exits(master)
+        self.ready_at = 0.0
 
         def ready() -> bool:
+            if check and check.done():
+                check.result()
             if not proc.alive(master):
                 raise Refused(f"the new generation exited while booting (master {master}); "
                               f"see journalctl -u {self.app.service}")
-            return len(self._ready_workers(master) - exclude) >= want
+            lost = self._exits(master) - exits_before
+            if no_exits and lost:
+                raise Refused(f"{len(lost)} new worker(s) died during the lockstep swap (e.g. pid {min(lost)})")
+            if len(self._ready_workers(master) - exclude) < want:
+                return False
+            self.ready_at = self.ready_at or time.monotonic()
+            return check is None or check.done()
 
         if not proc.wait_for(ready, self.app.ready_timeout, tick=self.n.extend):
             got = len(self._ready_workers(master) - exclude)
+            if got >= want and check:
+                check.result()  # the workers are ready; the pre-flight is still running: wait for it
+                return
             raise Refused(f"only {got} of {want} workers loaded the app within ready_timeout "
                           f"({self.app.ready_timeout} s)")
-        return want
+
+    def open_gate(self, master: int, check: Preflight) -> None:
+        """The pre-flight passed and every new worker loaded the app: let them accept connections."""
+        gate = self.ready_dir / str(master) / "gate-open"
+        try:
+            gate.write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            raise Refused(f"cannot open the gate of master {master} ({gate}): {e.strerror}") from None
+        self.gate_open = True
+        now = time.monotonic()
+        self.n.status(f"gate open: master {master}'s workers accept connections ({now - check.started:.2f} s "
+                      f"after the pre-flight and the new generation started; the pre-flight took "
+                      f"{check.finished - check.started:.2f} s, the workers were ready after "
+                      f"{(self.ready_at or now) - check.started:.2f} s)")
+
+    def trade_workers(self, surge: int) -> None:
+        """Lockstep: retire *surge* old workers gracefully (TTOU) and start as many new ones (TTIN), wait
+        until those are ready and the old ones gone, repeat until the new master runs them all. While
+        the new ones boot, old + new serving >= workers (the surge covers the old ones retiring)."""
+        want, new = self.app.workers, surge
+        while new < want:
+            batch = min(surge, want - new)
+            self.n.status(f"lockstep: {new} of {want} workers on master {self.new}; retiring {batch} of "
+                          f"master {self.old} (TTOU) for {batch} new (TTIN)")
+            for _ in range(batch):
+                self.signal_master(self.old, signal.SIGTTOU)
+                self.old_workers -= 1
+                self.signal_master(self.new, signal.SIGTTIN)
+                new += 1
+            self.wait_ready(self.new, new, no_exits=True)
+            if not proc.wait_for(lambda: len(self._ready_workers(self.old)) <= self.old_workers,
+                                 self.app.graceful_timeout + 10, tick=self.n.extend):
+                print(f"reloader: {self.app.name}: old workers of master {self.old} still finishing requests "
+                      "after graceful_timeout; going on", file=sys.stderr, flush=True)
+
+    def restore_old_generation(self) -> None:
+        """A lockstep swap failed: give the old master its full worker count back before the new one
+        goes, so capacity never drops below workers."""
+        missing = self.app.workers - self.old_workers
+        if missing <= 0 or not proc.alive(self.old):
+            return
+        self.n.status(f"rolling back: restoring master {self.old} to {self.app.workers} workers (TTIN x{missing})")
+        for _ in range(missing):
+            self.signal_master(self.old, signal.SIGTTIN)
+            self.old_workers += 1
+        if not proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
+                             self.app.ready_timeout, tick=self.n.extend):
+            print(f"reloader: {self.app.name}: master {self.old} has only {len(self._ready_workers(self.old))} "
+                  f"of {self.app.workers} workers ready after ready_timeout", file=sys.stderr, flush=True)
 
     def bake(self, master: int, expected_exits: set[int] = frozenset()) -> None:
         """Keep watching the new workers (and the app's health) before the old generation goes.
@@ -239,12 +375,15 @@ class Swap:
             raise Refused(f"systemd did not accept MAINPID={self.new} (is NotifyAccess=exec set?)")
 
     def roll_back(self) -> None:
+        """Stop the new master: QUIT (fast) while its gate is shut, for its workers never took a request
+        (and may still be stuck importing); TERM once they accept, so their requests finish."""
         if not self.new:
             return
-        self.n.status(f"rolling back: stopping new master {self.new}, master {self.old} keeps serving")
+        how = "TERM" if self.gate_open else "QUIT: its workers never took a request"
+        self.n.status(f"rolling back: stopping new master {self.new} ({how}), master {self.old} keeps serving")
         if self.main_pid_from_bus and self.main_pid_from_bus() == self.new:
             self.n.send(f"MAINPID={self.old}")
-        proc.send(self.new, signal.SIGTERM)
+        proc.send(self.new, signal.SIGTERM if self.gate_open else signal.SIGQUIT)
         proc.wait_for(lambda: not proc.alive(self.new), self.app.graceful_timeout + 10, tick=self.n.extend)
 
     def retire_old_generation(self) -> None:
@@ -266,6 +405,27 @@ class Swap:
                 raise Refused(f"systemd's MainPID is {main}, expected the new master {self.new}")
 
     # --- helpers ----------------------------------------------------------------------------------
+    def signal_master(self, master: int, sig: signal.Signals) -> None:
+        """Signal a master, at most one signal per SIGNAL_GAP each (see there)."""
+        wait = self._signalled.get(master, 0.0) + SIGNAL_GAP - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        if not proc.send(master, sig):
+            raise Refused(f"master {master} exited during the swap; see journalctl -u {self.app.service}")
+        self._signalled[master] = time.monotonic()
+
+    def report_cost(self) -> str:
+        """The helper's own cost for this reload (and its children's: pre-flight, setup commands), in the
+        journal; returns the short form for STATUS=."""
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        mine = f"peak RSS {me.ru_maxrss / 1024:.1f} MB, CPU {me.ru_utime + me.ru_stime:.2f} s"
+        theirs = f"peak RSS {kids.ru_maxrss / 1024:.1f} MB, CPU {kids.ru_utime + kids.ru_stime:.2f} s"
+        print(f"reloader: {self.app.name}: helper cost: {mine}; its children (pre-flight, setup): {theirs}",
+              file=sys.stderr, flush=True)
+        return f"helper {me.ru_maxrss / 1024:.0f} MB, {me.ru_utime + me.ru_stime:.2f} s CPU"
+
     def release(self) -> str:
         return os.path.basename(self.release_dir)
 
@@ -290,7 +450,7 @@ class Swap:
         return worker_exits(self.ready_dir, master)
 
     def _next_generation(self) -> int:
-        path = Path(self.app.runtime_dir) / "generation"
+        path = Path(self.app.generation_path)
         try:
             n = int(path.read_text().strip()) + 1
         except (OSError, ValueError):
@@ -304,7 +464,7 @@ class Swap:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """Serialize reloads of one app even when the helper is run by hand next to systemd's."""
-        with exclusive(Path(self.app.runtime_dir) / "reload.lock", self.app.ready_timeout, self.n, "reload"):
+        with exclusive(Path(self.app.reload_lock), self.app.ready_timeout, self.n, "reload"):
             yield
 
 
@@ -349,7 +509,7 @@ def _is_master(pid: int, app: AppConfig) -> bool:
     """A gunicorn master of this app: it has a ready-dir entry, or is named in one of its pidfiles."""
     if (Path(app.ready_dir) / str(pid) / "master").exists():
         return True
-    return pid in (_read_pid(app.pidfile), _read_pid(app.pidfile + ".2")) and proc.alive(pid)
+    return pid in (_read_pid(app.pidfile), _read_pid(app.new_pidfile)) and proc.alive(pid)
 
 
 def _read_pid(path: str) -> int:

@@ -120,6 +120,22 @@ _mark(os.getpid(), "boot.json", json.dumps({"release": chdir, "virtualenv": os.p
                                              "environ": dict(os.environ)}), mode=0o600)
 
 
+def _next_generation():
+    """The reload's request to us as its new generation (we are the USR2 child of the master it names),
+    while the helper that wrote it still runs; None on a start, a restart or a HUP."""
+    request = _boot_request()
+    if not request or request.get("master") != os.getppid():
+        return None
+    return request if os.path.exists(f"/proc/{request.get('helper', 0)}") else None
+
+
+_GENERATION = _next_generation() or {}
+# Gated: our workers load the app, then wait (see _wait_at_the_gate) until the helper opens the gate.
+_GATED = bool(_GENERATION.get("gated"))
+# max_surge: start with that many workers; the helper adds the rest (TTIN) as it retires old ones (TTOU).
+workers = _GENERATION.get("workers") or workers
+
+
 def pre_exec(server):
     """Runs in the forked child just before USR2 re-execs the new master.
 
@@ -172,6 +188,35 @@ def post_worker_init(worker):
     """The worker has imported the app (not merely forked)."""
     _user_hook("post_worker_init", worker)
     _mark(worker.ppid, f"worker-{worker.pid}", str(worker.pid))
+    _wait_at_the_gate(worker)
+
+
+def _wait_at_the_gate(worker):
+    """A gated generation's worker has loaded the app but must not accept a connection (that happens in
+    worker.run(), after this hook) until the helper has seen the pre-flight pass and every new worker
+    ready: it opens the gate by creating gate-open in our master's ready directory. Meanwhile heartbeat
+    (the master kills a worker silent for `timeout`) and leave on TERM/QUIT/INT: this worker never took
+    a request, so exiting at once loses nothing. Our own handlers, because some worker classes only run
+    theirs from an event loop that is not running yet (asgi); time.sleep is gevent's after its patching.
+    Workers started after the gate opened (respawns, TTIN) pass straight through."""
+    gate = os.path.join(_READY_DIR, str(worker.ppid), "gate-open")
+    if not _GATED or os.path.exists(gate):
+        return
+    import signal
+    import time
+
+    stop = []
+    saved = {s: signal.signal(s, lambda sig, frame: stop.append(sig))
+             for s in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)}
+    try:
+        while not os.path.exists(gate):
+            if stop or not worker.alive or os.getppid() != worker.ppid:
+                sys.exit(0)
+            worker.notify()
+            time.sleep(0.02)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def child_exit(server, worker):
