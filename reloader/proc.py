@@ -56,12 +56,13 @@ def same_unit(pid: int, other: int) -> bool:
     return bool(a) and a == b
 
 
-def send(pid: int, sig: signal.Signals) -> None:
-    """Signal *pid*; nothing happens if it is already gone (every caller then waits for a condition)."""
+def send(pid: int, sig: signal.Signals) -> bool:
+    """Signal *pid*; False if it is already gone (most callers then wait for a condition anyway)."""
     try:
         os.kill(pid, sig)
+        return True
     except ProcessLookupError:
-        pass
+        return False
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.05,

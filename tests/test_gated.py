@@ -169,7 +169,7 @@ def test_lockstep_swap_under_load_keeps_capacity_and_rolls_back_to_the_full_old_
     r = app.reload()
     samples = sampler.stop()
     props = app.props()
-    assert r.returncode == 0, (r.stderr, app.journal(40))
+    assert r.returncode == 0, (props["StatusText"], app.journal_with("reloader: ")[-3000:])
     assert app.version() == "v2" and props["MainPID"] != old, props
     assert "4 workers" in props["StatusText"], props["StatusText"]
     journal = app.journal_with("lockstep:")
