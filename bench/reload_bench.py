@@ -511,9 +511,12 @@ def plot(methods: list[dict[str, Any]], path: Path) -> None:
 
 # --- main -------------------------------------------------------------------------------------------------
 def sweep_points(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    if args.quick:
-        return (4, 8), (0.1, 2.0)
-    return (4, 8, 16), (0.1, 2.0, 10.0)
+    workers, imports = ((4, 8), (0.1, 2.0)) if args.quick else ((4, 8, 16), (0.1, 2.0, 10.0))
+    if args.sweep_workers:
+        workers = tuple(int(n) for n in args.sweep_workers.split(","))
+    if args.sweep_imports:
+        imports = tuple(float(s) for s in args.sweep_imports.split(","))
+    return workers, imports
 
 
 def sweep(b: Bench, mode: Mode, args: argparse.Namespace, sweep_reloads: int,
@@ -652,6 +655,10 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer reloads and sweep points")
     p.add_argument("--reloads", type=int, default=None, help="reloads per method (default 3, quick 2)")
     p.add_argument("--sweep-reloads", type=int, default=None, help="deploys per sweep point (default 2, quick 1)")
+    p.add_argument("--sweep-workers", default="", help="worker counts of the sweep, e.g. 16 (default 4,8,16; "
+                                                       "quick 4,8)")
+    p.add_argument("--sweep-imports", default="", help="import times of the sweep in seconds, e.g. 10 (default "
+                                                       "0.1,2,10; quick 0.1,2)")
     p.add_argument("--out", default=str(HERE), help="directory for results.{md,json} and the plot")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.add_argument("--parts", default="single,sweeps,seed,fleet",
