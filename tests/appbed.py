@@ -207,13 +207,17 @@ class App:
 
     def stop_master_watch(self, p: subprocess.Popen, out: str = "/run/masters.jsonl",
                           stop: str = "/run/masters.stop") -> list[tuple[float, list[int]]]:
+        self._stop(p, stop, timeout=30)
+        return [tuple(json.loads(line)) for line in self.c.read_file(out).splitlines()]
+
+    def _stop(self, p: subprocess.Popen, stop: str, timeout: float) -> None:
+        """Ask a sampler in the container to finish (its stop file) and wait; kill it past *timeout*."""
         self.c.run(["touch", stop])
         try:
-            p.wait(timeout=30)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
             raise
-        return [tuple(json.loads(line)) for line in self.c.read_file(out).splitlines()]
 
     # --- observing --------------------------------------------------------------------------------------
     def props(self, unit: str | None = None) -> dict:
@@ -269,10 +273,5 @@ class App:
 
     def stop_load(self, p: subprocess.Popen, out: str = "/run/loadgen.json",
                   stop: str = "/run/loadgen.stop") -> dict:
-        self.c.run(["touch", stop])
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            raise
+        self._stop(p, stop, timeout=60)
         return json.loads(self.c.read_file(out))
