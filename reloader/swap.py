@@ -87,8 +87,6 @@ class Swap:
                     self.setup(self.release_dir)
                     if self.app.strategy.keeps_master:
                         self.reload_by_hup()
-                    elif self.app.max_surge:
-                        self.reload_in_lockstep()
                     else:
                         self.reload_by_gated_generation()
                 finally:
@@ -127,33 +125,20 @@ class Swap:
 
     def reload_by_gated_generation(self) -> None:
         """The new generation boots while the pre-flight runs; its workers take no request before both
-        the pre-flight passed and every one of them loaded the app."""
-        check = self.start_preflight()
-        try:
-            self.spawn_new_generation(gated=True)
-            self.wait_ready(self.new, self.app.workers, check)
-            self.open_gate(self.new, check)
-            self.bake(self.new)
-            self.hand_over()
-        except Refused as e:
-            self.roll_back()
-            raise check.verdict() or e from None
-        self.retire_old_generation()
-        self.confirm()
-
-    def reload_in_lockstep(self) -> None:
-        """max_surge = S: at most workers + S workers run, and never fewer than workers serve."""
+        the pre-flight passed and every one of them loaded the app. With max_surge = S it starts with S
+        workers and takes over the rest in lockstep: at most workers + S run, never fewer than workers serve."""
         surge = min(self.app.max_surge, self.app.workers)
         check = self.start_preflight()
         try:
             self.spawn_new_generation(gated=True, workers=surge)
-            self.wait_ready(self.new, surge, check)
+            self.wait_ready(self.new, surge or self.app.workers, check)
             self.open_gate(self.new, check)
-            self.trade_workers(surge)
+            if surge:
+                self.trade_workers(surge)
             self.bake(self.new)
             self.hand_over()
         except Refused as e:
-            self.restore_old_generation()
+            self.restore_old_generation()  # a no-op unless a lockstep swap retired old workers
             self.roll_back()
             raise check.verdict() or e from None
         self.retire_old_generation()
