@@ -8,9 +8,11 @@ finished "done" does not prove the unit is fine: callers re-read the unit's prop
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,8 @@ from .errors import Failed
 
 #: Long enough for a daemon-reload on a busy host (pystemd's sd-bus default is 25 s).
 DEFAULT_BUS_TIMEOUT = 120
+#: Where sd-bus reads a connection's method-call timeout (see :func:`_bus_timeout`).
+BUS_TIMEOUT_VARIABLE = "SYSTEMD_BUS_TIMEOUT"
 #: How much longer than a unit's TimeoutStartSec= a client waits for its job (see :func:`client_wait`).
 VERDICT_SLACK = 30
 
@@ -53,21 +57,20 @@ class Systemd:
     """One shared bus connection to the system manager (pass it to every Manager/Unit)."""
 
     def __init__(self, timeout: float = DEFAULT_BUS_TIMEOUT) -> None:
-        # sd-bus reads its method-call timeout from the environment when the bus is created.
-        os.environ.setdefault("SYSTEMD_BUS_TIMEOUT", f"{int(timeout)}s")
         try:
             from pystemd.dbuslib import DBus
             from pystemd.systemd1 import Manager
         except ImportError as e:
             raise Failed(f"pystemd is not installed ({e}); install python3-pystemd") from None
         self._bus = DBus()
-        try:
-            self._bus.open()
-        except Exception as e:
-            raise Failed(f"cannot connect to the systemd system bus ({_why(e)}); is systemd PID 1 and "
-                         "dbus running?") from None
-        self.manager = Manager(bus=self._bus)
-        self.manager.load()
+        with _bus_timeout(timeout):
+            try:
+                self._bus.open()
+            except Exception as e:
+                raise Failed(f"cannot connect to the systemd system bus ({_why(e)}); is systemd PID 1 and "
+                             "dbus running?") from None
+            self.manager = Manager(bus=self._bus)
+            self.manager.load()
         self._job_results: dict[bytes, str] = {}
         self._subscribed = False
 
@@ -205,6 +208,25 @@ class Systemd:
             self.manager.Manager.DisableUnitFiles([n.encode() for n in names], False)
         except Exception as e:
             raise Failed(f"disable {' '.join(names)}: {_why(e)}") from None
+
+
+@contextmanager
+def _bus_timeout(timeout: float) -> Iterator[None]:
+    """*timeout* as this connection's method-call timeout, and nothing else's.
+
+    sd-bus takes it from $SYSTEMD_BUS_TIMEOUT the first time a connection needs it (the Hello its open
+    sends) and keeps it for that connection; pystemd has no setter. So the variable is set for the open and
+    the first call only, then put back: another connection gets its own timeout, and the variable never
+    reaches an environment this process hands on (the boot request gives a new master the helper's)."""
+    before = os.environ.get(BUS_TIMEOUT_VARIABLE)
+    os.environ[BUS_TIMEOUT_VARIABLE] = f"{max(1, math.ceil(timeout))}s"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(BUS_TIMEOUT_VARIABLE, None)
+        else:
+            os.environ[BUS_TIMEOUT_VARIABLE] = before
 
 
 def _reload_result(unit: Any) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__, nginx
 from .config import AppConfig, ConfigError, load
-from .errors import Failed
+from .errors import Failed, UsageError
 from .run import run
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG, format="reloader: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print(f"reloader: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Failed as e:

@@ -351,8 +351,7 @@ class AppConfig:
 
     def instance_socket(self, instance: str) -> str:
         """The listening socket of *instance* (``NAME@.socket`` renders it with %i for the instance)."""
-        base = self.socket[: -len(".sock")] if self.socket.endswith(".sock") else self.socket
-        return f"{base}-{instance}.sock"
+        return instance_socket(self.socket, instance)
 
     def instance_runtime_dir(self, instance: str) -> str:
         """An instance's RuntimeDirectory= (``instance`` may be systemd's ``%i`` in a template)."""
@@ -694,8 +693,13 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     instances = rel.read("instances")
     if rel.has("instances") and strategy is not Strategy.ROLLING:
         rel.fail("instances", "only applies to strategy = \"rolling\" (blue-green always has two)")
-    if strategy.multi_instance and len(f"{socket}-{instances}".encode()) > 107:
-        gun.fail("socket", f"{socket!r} is too long for the per-instance sockets")
+    if strategy.multi_instance:
+        # Each instance listens on its own socket, named after the configured one (the longest counts).
+        longest = sorted((instance_socket(socket, i) for i in strategy.instance_names(instances)),
+                         key=lambda path: len(path.encode()))[-1]
+        if len(longest.encode()) > 107:
+            gun.fail("socket", f"{socket!r} is too long for the per-instance sockets: {longest!r} has "
+                     f"{len(longest.encode())} bytes, over the 107 a unix socket path may have; use a shorter path")
     if rel.has("max_surge") and not strategy.new_generation:
         rel.fail("max_surge", f"only applies to strategy = \"generation\" (not {strategy.value!r})")
     rel.read("helper", default_helper())
@@ -733,6 +737,12 @@ def _socket(gun: _Reader, name: str, socket_activation: bool) -> str:
     if len(socket.encode()) > 107:
         gun.fail("socket", f"{socket!r} is longer than the 107 bytes a unix socket path may have")
     return socket
+
+
+def instance_socket(socket: str, instance: str) -> str:
+    """The listening socket of *instance* of an app whose [gunicorn] socket is *socket*."""
+    base = socket[: -len(".sock")] if socket.endswith(".sock") else socket
+    return f"{base}-{instance}.sock"
 
 
 def default_helper() -> str:

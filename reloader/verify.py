@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Failed
+from .errors import Failed, UsageError
 from .loadgen import LoadConfig, LoadGenerator, Report
 from .probe import target_of, url_status
 
@@ -276,9 +276,9 @@ def format_text(doc: dict[str, Any]) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.reloads < 0 or args.concurrency < 0 or args.long < 0 or args.duration <= 0 or args.gap < 0:
-        raise Failed("--reloads, --concurrency, --long and --gap must be >= 0 and --duration > 0")
+        raise UsageError("--reloads, --concurrency, --long and --gap must be >= 0 and --duration > 0")
     if args.concurrency + args.long < 1:
-        raise Failed("need at least one load worker (--concurrency or --long)")
+        raise UsageError("need at least one load worker (--concurrency or --long)")
     doc = run_verify(args)
     print(json.dumps(doc, indent=2) if args.json else format_text(doc), flush=True)
     return 0 if doc["passed"] else 1

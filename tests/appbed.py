@@ -253,6 +253,13 @@ class App:
     def journal(self, lines: int = 60) -> str:
         return self.c.run(f"journalctl -u {self.name} --no-pager -n {lines}", check=False).stdout
 
+    def journal_without_access_log(self, lines: int = 60) -> str:
+        """The unit's last *lines* journal lines that are not access-log lines (gunicorn's, one per request):
+        the helper's steps, gunicorn's own messages and systemd's, which a failure message needs."""
+        return self.c.run(f"journalctl -u {self.name} --no-pager -o short-monotonic | grep -v -E "
+                          f"'\"(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) [^ ]+ HTTP/' | tail -n {lines}",
+                          check=False).stdout
+
     def journal_with(self, text: str) -> str:
         """The unit's whole journal, only the lines containing *text* (the access log fills the rest)."""
         return self.c.run(f"journalctl -u {self.name} --no-pager -o cat | grep -F {shlex.quote(text)}",

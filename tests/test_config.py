@@ -60,6 +60,36 @@ def test_minimal_config_file(tmp_path):
     assert app.nginx == NginxConfig()
 
 
+def _socket_of_length(length: int) -> str:
+    """A socket path of exactly *length* bytes, outside /run/myapp/ (allowed with socket activation)."""
+    stem = "/run/"
+    return stem + "s" * (length - len(stem) - len(".sock")) + ".sock"
+
+
+@pytest.mark.parametrize(("strategy", "instances", "longest_suffix"), [
+    ("blue-green", None, "-green.sock"),  # blue-green's longest instance socket: 6 bytes more
+    ("rolling", 12, "-12.sock"),          # the 12th of 12 instances: 3 bytes more
+])
+def test_the_longest_instance_socket_must_fit_a_unix_socket_path(strategy, instances, longest_suffix):
+    """Each instance listens on the configured socket's name + "-INSTANCE": the socket that fits only
+    when those also fit within the 107 bytes of a unix socket path (else they fail at run time)."""
+    grow = len(longest_suffix) - len(".sock")
+    reload = {"strategy": strategy} | ({"instances": instances} if instances else {})
+    fits = _socket_of_length(107 - grow)
+    app = parse(cfg(gunicorn={"socket": fits}, reload=reload))
+    assert max(len(app.instance_socket(i).encode()) for i in app.instance_names) == 107
+    too_long = _socket_of_length(108 - grow)
+    message = rejected(cfg(gunicorn={"socket": too_long}, reload=reload))
+    assert message.startswith(f"{SRC}: [gunicorn] socket: "), message
+    assert f"{too_long[:-len('.sock')]}{longest_suffix}' has 108 bytes" in message, message
+
+
+def test_a_105_byte_socket_is_refused_for_blue_green():
+    """The case the old check passed: 105 + len("-2") fit, while blue/green sockets are 110/111 bytes."""
+    message = rejected(cfg(gunicorn={"socket": _socket_of_length(105)}, reload={"strategy": "blue-green"}))
+    assert "has 111 bytes, over the 107" in message, message
+
+
 def test_socket_defaults_follow_socket_activation():
     assert parse(cfg()).socket == "/run/myapp.sock"
     off = parse(cfg(gunicorn={"socket_activation": False}))

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fakes import confined_to, in_tmp
 
 from reloader import config, install, setup_commands
 from reloader.config import ConfigError, parse
@@ -198,13 +199,13 @@ def test_a_missing_setup_program_is_a_clear_failure(tmp_path) -> None:
 
 # --- [gunicorn] settings, config_file, access_log -------------------------------------------------------------
 def namespace(app: config.AppConfig, ready: Path) -> dict[str, Any]:
-    source = rendered(app)["flaskapp.gunicorn.conf.py"]
+    """The rendered gunicorn config executed with its ready directory at *ready* and its other paths under
+    it (tests/fakes.py): it must write nothing elsewhere, and the environment is put back afterwards."""
+    source = rendered(in_tmp(app, ready))["flaskapp.gunicorn.conf.py"]
     ns: dict[str, Any] = {}
-    os.environ["RELOADER_READY_DIR"] = str(ready)
-    try:
+    with confined_to(ready):
+        os.environ["RELOADER_READY_DIR"] = str(ready)
         exec(compile(source, "flaskapp.gunicorn.conf.py", "exec"), ns)
-    finally:
-        del os.environ["RELOADER_READY_DIR"]
     return ns
 
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fakes import confined_to, in_tmp, run_gunicorn_config, writes_recorded
 
 from reloader import __version__
 from reloader.cli import main
@@ -128,54 +129,69 @@ def test_notify_reload_selects_type_notify_reload(app):
     assert one(service, "Service", "Type") == "notify-reload"
 
 
-def test_without_socket_activation_there_is_no_socket_unit():
+def test_without_socket_activation_there_is_no_socket_unit(tmp_path):
     app = variant(gunicorn={"socket_activation": False})
     files = {f.name: f.content for f in render(app)}
     assert "flaskapp.socket" not in files
     service = files["flaskapp.service"]
     assert values(service, "Unit", "Requires") == []
     assert "flaskapp.socket" not in service
-    namespace = gunicorn_namespace(files["flaskapp.gunicorn.conf.py"])
-    assert namespace["bind"] == ["unix:/run/flaskapp/gunicorn.sock"]
-    assert namespace["umask"] == 0o111  # nginx (another user) must be able to connect
     assert "server unix:/run/flaskapp/gunicorn.sock " in files["flaskapp.nginx.conf"]
+    assert "bind = ['unix:/run/flaskapp/gunicorn.sock']" in files["flaskapp.gunicorn.conf.py"]
+    namespace = gunicorn_namespace(app, tmp_path)
+    assert namespace["bind"] == ["unix:/run/flaskapp/gunicorn.sock"]  # a setting, not part of the layout
+    assert namespace["umask"] == 0o111  # nginx (another user) must be able to connect
 
 
-def gunicorn_namespace(source: str) -> dict[str, Any]:
-    code = compile(source, "flaskapp.gunicorn.conf.py", "exec")  # a SyntaxError fails the test
-    namespace: dict[str, Any] = {}
-    exec(code, namespace)  # only assignments, imports of os and def statements
-    return namespace
+def gunicorn_namespace(app: AppConfig, tmp_path: Path) -> dict[str, Any]:
+    """The rendered gunicorn config of *app*, laid out under *tmp_path*, executed there: it must write
+    nothing outside it (its module level records what it booted, under the ready directory)."""
+    tmp_app = in_tmp(app, tmp_path)
+    source = next(f.content for f in render(tmp_app) if f.name.endswith(".gunicorn.conf.py"))
+    return run_gunicorn_config(source, tmp_path)
 
 
-def test_gunicorn_config_is_python_with_the_settings_and_hooks(files):
-    ns = gunicorn_namespace(files["flaskapp.gunicorn.conf.py"].content)
+def test_gunicorn_config_is_python_with_the_settings_and_hooks(app, files, tmp_path):
+    source = files["flaskapp.gunicorn.conf.py"].content
+    assert "pidfile = '/run/flaskapp/gunicorn.pid'" in source
+    assert "os.environ.get(\"RELOADER_READY_DIR\", '/run/flaskapp/ready')" in source
+    ns = gunicorn_namespace(app, tmp_path)
     assert ns["wsgi_app"] == "app:app"
     assert ns["chdir"] == "/srv/flaskapp/current"
     assert ns["bind"] == ["unix:/run/flaskapp.sock"]
     assert (ns["workers"], ns["worker_class"], ns["threads"]) == (4, "sync", 1)
     assert (ns["timeout"], ns["graceful_timeout"], ns["preload_app"]) == (30, 30, False)
-    assert ns["pidfile"] == "/run/flaskapp/gunicorn.pid"
+    assert ns["pidfile"] == f"{tmp_path}/run/gunicorn.pid"
     assert ns["control_socket_disable"] is True
     assert "umask" not in ns  # with socket activation systemd creates the socket (SocketMode=)
     for hook in ("when_ready", "post_worker_init", "child_exit", "pre_exec", "on_exit"):
         assert callable(ns[hook]), hook
 
 
-def test_gunicorn_hooks_record_ready_workers(files, tmp_path):
-    ns = gunicorn_namespace(files["flaskapp.gunicorn.conf.py"].content)
-    assert ns["_READY_DIR"] == "/run/flaskapp/ready"
-    ns["_READY_DIR"] = str(tmp_path)
+def test_executing_the_gunicorn_config_writes_only_its_boot_record_in_the_ready_dir(app, tmp_path):
+    """What gunicorn's evaluation of the config does to the host: one boot record, under the ready dir."""
+    with writes_recorded() as writes:
+        gunicorn_namespace(app, tmp_path)
+    ready = tmp_path / "run" / "ready" / str(os.getpid())
+    assert {Path(w).parent for w in writes} <= {ready, ready.parent}, writes
+    assert (ready / "boot.json").is_file()
+
+
+def test_gunicorn_hooks_record_ready_workers(app, tmp_path):
+    ns = gunicorn_namespace(app, tmp_path)
+    ready = tmp_path / "run" / "ready"
+    assert ns["_READY_DIR"] == str(ready)
     server, worker = SimpleNamespace(pid=100, systemd=False), SimpleNamespace(pid=101, ppid=100)
-    ns["when_ready"](server)
-    ns["post_worker_init"](worker)
-    assert sorted(p.name for p in (tmp_path / "100").iterdir()) == ["master", "worker-101"]
-    assert (tmp_path / "100" / "master").read_text() == "100"
-    ns["child_exit"](server, worker)
-    assert sorted(p.name for p in (tmp_path / "100").iterdir()) == ["exit-101", "master"]
-    ns["pre_exec"](server)  # not socket-activated: nothing to move
-    ns["on_exit"](server)
-    assert list(tmp_path.iterdir()) == []
+    with confined_to(tmp_path):
+        ns["when_ready"](server)
+        ns["post_worker_init"](worker)
+        assert sorted(p.name for p in (ready / "100").iterdir()) == ["master", "worker-101"]
+        assert (ready / "100" / "master").read_text() == "100"
+        ns["child_exit"](server, worker)
+        assert sorted(p.name for p in (ready / "100").iterdir()) == ["exit-101", "master"]
+        ns["pre_exec"](server)  # not socket-activated: nothing to move
+        ns["on_exit"](server)
+    assert [p.name for p in ready.iterdir()] == [str(os.getpid())]  # only the boot record of this process
 
 
 def test_nginx_site(files):

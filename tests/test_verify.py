@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from appbed import App
 
+from reloader.cli import main
 from reloader.loadgen import Record, Report
 from reloader.probe import target_of
 from reloader.verify import ReloadResult, analyse
@@ -45,6 +47,18 @@ def test_analyse_without_versions_says_n_a() -> None:
     assert doc["passed"] and not doc["exposes_version"]
     assert doc["reloads"][0]["time_to_new_version_s"] is None
     assert doc["reloads"][0]["version_note"].startswith("n/a")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--reloads", "-1"], ["--duration", "0"], ["--gap", "-0.5"], ["--concurrency", "0", "--long", "0"],
+])
+def test_verify_usage_errors_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The documented exit status of a usage error is 2 (1 means a reload or a request failed); the
+    arguments are checked before anything is loaded or reloaded (no app named NAME exists here)."""
+    assert main(["verify", "no-such-app", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("reloader: "), err
+    assert "--" in err, err
 
 
 def _verify(app: App, *args: str) -> tuple[int, dict, str]:
