@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 from . import proc
 from .config import AppConfig
 from .probe import UnixHTTPConnection, get_status
+from .proc import ProcessTable
 
 #: How much more time to ask systemd for whenever we are still making progress.
 EXTEND_USEC = 30_000_000
@@ -29,6 +31,18 @@ EXTEND_USEC = 30_000_000
 
 class Refused(Exception):
     """The reload did not happen (or was rolled back); the old generation is serving."""
+
+
+def reason(e: BaseException) -> str:
+    """A failure in one line (STATUS=, the records): a refusal's own words; any other error with its type
+    (a D-Bus error, an OSError, a bug), whose traceback :func:`log_unexpected` puts in the journal."""
+    return str(e) if isinstance(e, Refused) else f"unexpected {type(e).__name__}: {e}"
+
+
+def log_unexpected(name: str, e: BaseException) -> None:
+    """The traceback of a failure that is not a refusal, to the journal (stderr)."""
+    lines = traceback.format_exception(type(e), e, e.__traceback__)
+    print(f"reloader: {name}: " + "".join(lines).rstrip(), file=sys.stderr, flush=True)
 
 
 class Notifier:
@@ -210,14 +224,14 @@ def release_of(app: AppConfig) -> str:
     return os.path.basename(os.path.realpath(app.working_directory))
 
 
-def ready_workers(ready_dir: Path, master: int) -> set[int]:
+def ready_workers(ready_dir: Path, master: int, processes: ProcessTable = proc) -> set[int]:
     """Workers of *master* that have loaded the app (marked by the post_worker_init hook) and live."""
     try:
         names = os.listdir(ready_dir / str(master))
     except OSError:
         return set()
     pids = {int(n[7:]) for n in names if n.startswith("worker-") and n[7:].isdigit()}
-    return {p for p in pids if proc.alive(p) and proc.ppid(p) == master}
+    return {p for p in pids if processes.alive(p) and processes.ppid(p) == master}
 
 
 def worker_exits(ready_dir: Path, master: int) -> set[int]:

@@ -29,16 +29,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import proc, releases
 from .bus import Systemd
 from .config import AppConfig
-from .engine import Notifier, Refused, exclusive, health, preflight, ready_workers, release_of
+from .engine import (
+    Notifier,
+    Preflight,
+    Refused,
+    exclusive,
+    health,
+    log_unexpected,
+    ready_workers,
+    reason,
+    release_of,
+)
 from .errors import Failed
+from .proc import ProcessTable
 from .render import upstream
 
 NGINX = "nginx.service"
@@ -48,8 +60,13 @@ class Fleet:
     """The instances of one app, the routes nginx reaches them through, and the records. Each step
     reports through STATUS=; the strategies below are made of these steps."""
 
-    def __init__(self, app: AppConfig, sd: Systemd, n: Notifier, since_ns: int = 0) -> None:
+    def __init__(self, app: AppConfig, sd: Systemd, n: Notifier, since_ns: int = 0, *,
+                 processes: ProcessTable = proc, health: Callable[..., tuple[int, str]] = health,
+                 checker: type[Preflight] = Preflight) -> None:
+        """The collaborators after * are the real ones by default; the host tests (tests/fakes.py) pass a
+        simulated process table, health check and pre-flight (*sd* is a fake bus there)."""
         self.app, self.sd, self.n = app, sd, n
+        self.proc, self.health, self.checker = processes, health, checker
         self.state_path = Path(app.fleet_state_path)
         #: When this operation took the lock: a rollback request older than that was meant for another.
         self.since_ns = since_ns
@@ -189,16 +206,16 @@ class Fleet:
             st = self.sd.state(unit)
             if st.active_state != "active":
                 raise Refused(f"{unit} is {st.active_state} while booting; see journalctl -u {unit}")
-            return len(ready_workers(ready_dir, st.main_pid)) >= want
+            return len(ready_workers(ready_dir, st.main_pid, self.proc)) >= want
 
-        if not proc.wait_for(ready, self.app.ready_timeout, interval=0.1, tick=self.n.extend):
+        if not self.proc.wait_for(ready, self.app.ready_timeout, interval=0.1, tick=self.n.extend):
             raise Refused(f"{unit}: not all {want} workers loaded the app within ready_timeout")
         self.check_health(instance)
 
     def check_health(self, instance: str, rounds: int = 3) -> None:
         socket = self.app.instance_socket(instance)
         for _ in range(rounds):
-            status, error = health(self.app, socket_path=socket)
+            status, error = self.health(self.app, socket_path=socket)
             if not self.app.health_ok(status):
                 raise Refused(f"{self.app.instance_unit(instance)}: {self.app.health_path} on {socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error}")
@@ -213,7 +230,7 @@ class Fleet:
         time.sleep(0.05)  # a connect() that resolved the route just before the rename is queued by now
         deadline = time.monotonic() + self.app.graceful_timeout
         while time.monotonic() < deadline:
-            status, _ = health(self.app, socket_path=self.app.instance_socket(instance))
+            status, _ = self.health(self.app, socket_path=self.app.instance_socket(instance))
             if status or not self.running(instance):
                 return
             self.n.extend()
@@ -273,10 +290,10 @@ class Fleet:
         self.seed_records()
         self.ensure_upstream()  # not the release's fault if this fails: not recorded as refused
         try:
-            preflight(self.app, self.n, as_app_user=os.geteuid() == 0)
+            self.checker(self.app, self.n, as_app_user=os.geteuid() == 0).result()
             (BlueGreen(self) if self.app.strategy.one_live_instance else Rolling(self)).run()
-        except Refused as e:
-            releases.record_refused(self.app, target, str(e))
+        except Exception as e:  # a bus error or an OSError is a refused deploy too: recorded, then reported
+            releases.record_refused(self.app, target, reason(e))
             raise
         self.record_live(target)
         self.save_generation(self.state()["generation"] + 1)
@@ -295,10 +312,10 @@ class BlueGreen:
         if self.f.rollback_requested():
             self.f.stop(idle)
             raise Refused("rolled back on operator request (reloader rollback) before the switch")
-        self.switch(live, idle)
         try:
+            self.switch(live, idle)
             self.bake(idle)
-        except Refused as e:
+        except Exception as e:  # not only Refused: whatever failed, the old colour serves again
             self.roll_back(live, idle, e)
             raise
         self.retire(live)
@@ -312,9 +329,9 @@ class BlueGreen:
         self.f.pin(idle, self.f.target())
         try:
             self.f.start(idle, restart=self.f.running(idle))
-        except Refused:
-            self.f.stop(idle)
-            raise
+        except Exception as e:
+            undo(self.f, "stopping the idle colour", lambda: self.f.stop(idle))
+            raise e from None
 
     def switch(self, old: str, new: str) -> None:
         self.f.n.status(f"switching the live route from {old} to {new} (no nginx reload)")
@@ -337,10 +354,11 @@ class BlueGreen:
             self.f.check_health(instance, rounds=1)
             time.sleep(0.2)
 
-    def roll_back(self, old: str, new: str, why: Refused) -> None:
-        self.f.n.status(f"rolling back to {old}: {why}")
+    def roll_back(self, old: str, new: str, why: Exception) -> None:
+        """Switch back first (a rename, it needs nothing else to work), then stop the new colour."""
+        self.f.n.status(f"rolling back to {old}: {reason(why)}")
         self.switch(new, old)
-        self.retire(new)
+        undo(self.f, f"retiring {new}", lambda: self.retire(new))
 
     def retire(self, old: str) -> None:
         """Stop the colour no route points at, once it accepted what was sent to it (in-flight finish)."""
@@ -356,7 +374,11 @@ class Rolling:
 
     def run(self) -> None:
         for instance in self.f.app.instance_names:
-            self.drain(instance)
+            try:
+                self.drain(instance)
+            except Exception:  # its route may already point at the peer: back to the instance, unchanged
+                undo(self.f, f"restoring instance {instance}'s route", lambda i=instance: self.restore(i))
+                raise
             self.replace(instance)
             self.restore(instance)
 
@@ -379,7 +401,10 @@ class Rolling:
         self.f.pin(instance, self.f.target())
         try:
             self.f.start(instance, restart=True)
-        except Refused as e:
+        except Exception as failure:  # not only Refused (a bus error too): the instance goes back
+            if not isinstance(failure, Refused):
+                log_unexpected(self.f.app.name, failure)
+            e = Refused(reason(failure))
             self.f.n.status(f"instance {instance} failed on the new release; restoring "
                             f"{os.path.basename(previous) or 'nothing (it never ran)'}: {e}")
             if not previous:
@@ -406,6 +431,15 @@ def locked(app: AppConfig, n: Notifier) -> Iterator[int]:
     with exclusive(lock, app.ready_timeout, n, "deploy"):
         os.utime(lock)
         yield lock.stat().st_mtime_ns
+
+
+def undo(fleet: Fleet, what: str, step: Callable[[], None]) -> None:
+    """A roll-back step that must not hide the failure being rolled back: its own failure goes to the
+    journal, and the roll back goes on."""
+    try:
+        step()
+    except Exception as e:
+        print(f"reloader: {fleet.app.name}: rolling back: {what} failed: {reason(e)}", file=sys.stderr, flush=True)
 
 
 def _legacy_upstream(app: AppConfig) -> list[str]:
@@ -449,9 +483,15 @@ def run(app: AppConfig, action: str) -> int:
                     fleet.stop(instance)
                 return 0
             summary = fleet.deploy() if action == "deploy" else fleet.bring_up()
-    except (Refused, Failed, OSError) as e:
+    except Exception as e:  # any failure: one STATUS= line and exit status 1 (a traceback if unexpected)
         what = {"deploy": "reload refused", "start": "start failed"}.get(action, f"{action} failed")
-        why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        if isinstance(e, OSError) and e.filename:
+            why = f"{e.strerror}: {e.filename}"
+        elif isinstance(e, Refused | Failed | OSError):
+            why = str(e)
+        else:
+            log_unexpected(app.name, e)
+            why = reason(e)
         n.status(f"{what}: {why}")
         n.barrier()
         return 1

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 
 def alive(pid: int) -> bool:
@@ -77,3 +78,16 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
         if tick:
             tick()
         time.sleep(interval)
+
+
+class ProcessTable(Protocol):
+    """What the reload engines use of this module. This module is the real one; the host tests of the
+    engines pass a simulated process table (tests/fakes.py) with the same functions."""
+
+    def alive(self, pid: int) -> bool: ...
+    def ppid(self, pid: int) -> int: ...
+    def children(self, pid: int) -> list[int]: ...
+    def same_unit(self, pid: int, other: int) -> bool: ...
+    def send(self, pid: int, sig: signal.Signals) -> bool: ...
+    def wait_for(self, condition: Callable[[], bool], timeout: float, interval: float = 0.05,
+                 tick: Callable[[], None] | None = None) -> bool: ...

@@ -33,11 +33,13 @@ from .engine import (
     Refused,
     exclusive,
     health,
+    log_unexpected,
     monotonic_usec,
-    preflight,
     ready_workers,
+    reason,
     worker_exits,
 )
+from .proc import ProcessTable
 
 #: Between two signals to one master: CPython runs a signal's handler once however often it arrived
 #: before the handler ran, so two TTINs sent back to back can add a single worker.
@@ -48,12 +50,23 @@ class Swap:
     """One reload of one app. ``run()`` returns the exit status for systemd."""
 
     def __init__(self, app: AppConfig, main_pid: int, notifier: Notifier,
-                 main_pid_from_bus: Callable[[], int] | None = None) -> None:
+                 main_pid_from_bus: Callable[[], int] | None = None, *, processes: ProcessTable = proc,
+                 health: Callable[[AppConfig], tuple[int, str]] = health, checker: type[Preflight] = Preflight
+                 ) -> None:
+        """The collaborators after * are the real ones by default; the host tests (tests/fakes.py) pass a
+        simulated process table, health check and pre-flight to run every failure path in milliseconds."""
         self.app = app
         self.old = main_pid
         self.new = 0
         self.n = notifier
         self.main_pid_from_bus = main_pid_from_bus
+        self.proc = processes
+        self.health = health
+        self.checker = checker
+        #: MAINPID= named the new master (a roll back names the old one again).
+        self.handed_over = False
+        #: The hand-over succeeded: the new generation serves and the old one retires (no roll back).
+        self.taken_over = False
         self.ready_dir = Path(app.ready_dir)
         #: The new generation's gate is open: its workers accept (and a rollback must stop it gracefully).
         self.gate_open = False
@@ -79,7 +92,7 @@ class Swap:
         tried = False
         try:
             with self._lock():
-                if not proc.alive(self.old):
+                if not self.proc.alive(self.old):
                     raise Refused(f"MainPID {self.old} is not running; start the service instead")
                 self.clean_up_strays()
                 tried = True
@@ -91,14 +104,18 @@ class Swap:
                         self.reload_by_gated_generation()
                 finally:
                     releases.clear_boot_request(self.app)
-        except Refused as e:
+        except Exception as e:  # not only Refused: whatever failed, the state below is told and true
+            if not isinstance(e, Refused):
+                log_unexpected(self.app.name, e)
+            if self.taken_over and self.proc.alive(self.new):
+                return self._serving_but(e)
             serving = self._serving()
-            self.n.status(f"reload refused: release {self.release()}: {e}"
+            self.n.status(f"reload refused: release {self.release()}: {reason(e)}"
                           + (f"; still serving {serving}" if serving else ""))
             self.report_cost()
             if tried:
                 try:
-                    releases.record_refused(self.app, self.release_dir, str(e))
+                    releases.record_refused(self.app, self.release_dir, reason(e))
                 except OSError as err:  # the refusal itself stands; only the listing misses it
                     print(f"reloader: {self.app.name}: cannot record the refusal in {self.app.state_dir}: "
                           f"{err.strerror}", file=sys.stderr)
@@ -137,23 +154,27 @@ class Swap:
                 self.trade_workers(surge)
             self.bake(self.new)
             self.hand_over()
-        except Refused as e:
-            self.restore_old_generation()  # a no-op unless a lockstep swap retired old workers
-            self.roll_back()
-            raise check.verdict() or e from None
+        except Exception as e:  # a bus error or an OSError rolls back as a refusal does
+            self.undo(self.restore_old_generation,  # a no-op unless a lockstep swap retired old workers
+                      self.roll_back)
+            verdict = check.verdict()
+            if verdict and not isinstance(e, Refused):
+                log_unexpected(self.app.name, e)  # the pre-flight's reason goes to STATUS=; this one to the journal
+            raise verdict or e from None
+        self.taken_over = True
         self.retire_old_generation()
         self.confirm()
 
     def reload_by_hup(self) -> None:
         self.preflight()
-        before = set(proc.children(self.old))
+        before = set(self.proc.children(self.old))
         exited_before = self._exits(self.old)
         self.request_boot(self.old)
         self.n.status(f"HUP to master {self.old}: replacing its {len(before)} workers")
-        proc.send(self.old, signal.SIGHUP)
+        self.proc.send(self.old, signal.SIGHUP)
         self.wait_ready(self.old, self.app.workers, exclude=before)
         self.n.status("waiting for the old workers to finish their requests")
-        if not proc.wait_for(lambda: not any(proc.alive(p) and proc.ppid(p) == self.old for p in before),
+        if not self.proc.wait_for(lambda: not any(self.proc.alive(p) and self.proc.ppid(p) == self.old for p in before),
                              self.app.graceful_timeout + 10, tick=self.n.extend):
             raise Refused("old workers did not exit within graceful_timeout")
         self.bake(self.old, expected_exits=before | exited_before)
@@ -161,34 +182,35 @@ class Swap:
     # --- steps ------------------------------------------------------------------------------------
     def clean_up_strays(self) -> None:
         """Undo what a helper killed mid-reload may have left, so this reload starts from one generation."""
-        parent = proc.ppid(self.old)
-        if parent > 1 and proc.same_unit(parent, self.old) and _is_master(parent, self.app):
+        parent = self.proc.ppid(self.old)
+        if parent > 1 and self.proc.same_unit(parent, self.old) and _is_master(parent, self.app, self.proc):
             # Killed after the hand-over, before retiring: the old master is MainPID's parent.
             self.n.status(f"retiring old master {parent} left by an interrupted reload")
-            proc.send(parent, signal.SIGTERM)
-            if not proc.wait_for(lambda: not proc.alive(parent), self.app.graceful_timeout + 10, tick=self.n.extend):
+            self.proc.send(parent, signal.SIGTERM)
+            if not self.proc.wait_for(lambda: not self.proc.alive(parent), self.app.graceful_timeout + 10,
+                                      tick=self.n.extend):
                 raise Refused(f"old master {parent} from an interrupted reload did not exit")
             # The new master promotes itself (renames gunicorn.pid.2) on its next loop.
-            proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.old, 5)
-        for child in proc.children(self.old):
-            if _is_master(child, self.app):
+            self.proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.old, 5)
+        for child in self.proc.children(self.old):
+            if _is_master(child, self.app, self.proc):
                 self.restore_worker_count(stray=child)
                 self.n.status(f"stopping stray new master {child} left by an interrupted reload")
-                proc.send(child, signal.SIGTERM)
-                if not proc.wait_for(lambda c=child: not proc.alive(c), self.app.graceful_timeout + 10,
-                                     tick=self.n.extend):
-                    raise Refused(f"stray master {child} did not exit")
+                self.proc.send(child, signal.SIGTERM)
+                if not self.proc.wait_for(lambda c=child: self._reaped(c), self.app.graceful_timeout + 10,
+                                          tick=self.n.extend):
+                    raise Refused(f"stray master {child} did not exit (or master {self.old} did not reap it)")
         # Let the old master reap it (it ignores USR2 while it still has a child master).
-        proc.wait_for(lambda: not Path(self.app.new_pidfile).exists(), 3)
+        self.proc.wait_for(lambda: not Path(self.app.new_pidfile).exists(), 3)
         if self.ready_dir.is_dir():
             for entry in self.ready_dir.iterdir():
-                if entry.name.isdigit() and not proc.alive(int(entry.name)):
+                if entry.name.isdigit() and not self.proc.alive(int(entry.name)):
                     _rmtree(entry)
 
     def restore_worker_count(self, stray: int) -> None:
         """A helper killed mid-lockstep left the old master with fewer workers (its TTOUs): TTIN it back
         to ``workers`` before the stray new master, which serves the rest, is stopped."""
-        workers = [p for p in proc.children(self.old) if p != stray and not _is_master(p, self.app)]
+        workers = [p for p in self.proc.children(self.old) if p != stray and not _is_master(p, self.app, self.proc)]
         missing = self.app.workers - len(workers)
         if missing <= 0:
             return
@@ -196,15 +218,15 @@ class Swap:
                       f"lockstep swap: adding {missing} (TTIN)")
         for _ in range(missing):
             self.signal_master(self.old, signal.SIGTTIN)
-        if not proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
+        if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
                              self.app.ready_timeout, tick=self.n.extend):
             raise Refused(f"master {self.old} did not get back to {self.app.workers} workers within ready_timeout")
 
     def preflight(self) -> None:
-        preflight(self.app, self.n, release_dir=self.release_dir, python=self._python())
+        self.start_preflight().result()
 
     def start_preflight(self) -> Preflight:
-        return Preflight(self.app, self.n, release_dir=self.release_dir, python=self._python())
+        return self.checker(self.app, self.n, release_dir=self.release_dir, python=self._python())
 
     def request_boot(self, master: int, *, gated: bool = False, workers: int = 0) -> None:
         """Hand the next master (the USR2 child of *master*, or *master* itself on HUP) the resolved
@@ -228,25 +250,25 @@ class Swap:
         self.request_boot(self.old, gated=gated, workers=workers)
         self.n.status(f"starting a new generation next to master {self.old} (USR2"
                       + (f", {workers} workers" if workers else "") + (", gated" if gated else "") + ")")
-        before = set(proc.children(self.old))
-        proc.send(self.old, signal.SIGUSR2)
+        before = set(self.proc.children(self.old))
+        self.proc.send(self.old, signal.SIGUSR2)
         pidfile2 = self.app.new_pidfile
         forked: set[int] = set()
 
         def found() -> bool:
             pid = _read_pid(pidfile2)
-            if pid and proc.ppid(pid) == self.old:
+            if pid and self.proc.ppid(pid) == self.old:
                 self.new = pid
                 return True
             # The new master is a fresh child of the old one; if it is gone before it wrote its
             # pidfile, it died starting (e.g. could not take over the sockets): fail now, not at 30 s.
-            forked.update(set(proc.children(self.old)) - before)
-            if forked and not any(proc.alive(p) for p in forked) and not Path(pidfile2).exists():
+            forked.update(set(self.proc.children(self.old)) - before)
+            if forked and not any(self.proc.alive(p) for p in forked) and not Path(pidfile2).exists():
                 raise Refused(f"the new master exited while starting (pid {min(forked)}); "
                               f"see journalctl -u {self.app.service}")
             return False
 
-        if not proc.wait_for(found, 30, tick=self.n.extend):
+        if not self.proc.wait_for(found, 30, tick=self.n.extend):
             raise Refused(f"master {self.old} did not start a new master within 30 s (no {pidfile2})")
 
     def wait_ready(self, master: int, want: int, check: Preflight | None = None,
@@ -262,7 +284,7 @@ class Swap:
         def ready() -> bool:
             if check and check.done():
                 check.result()
-            if not proc.alive(master):
+            if not self.proc.alive(master):
                 raise Refused(f"the new generation exited while booting (master {master}); "
                               f"see journalctl -u {self.app.service}")
             lost = self._exits(master) - exits_before
@@ -273,7 +295,7 @@ class Swap:
             self.ready_at = self.ready_at or time.monotonic()
             return check is None or check.done()
 
-        if not proc.wait_for(ready, self.app.ready_timeout, tick=self.n.extend):
+        if not self.proc.wait_for(ready, self.app.ready_timeout, tick=self.n.extend):
             got = len(self._ready_workers(master) - exclude)
             if got >= want and check:
                 check.result()  # the workers are ready; the pre-flight is still running: wait for it
@@ -310,7 +332,7 @@ class Swap:
                 self.signal_master(self.new, signal.SIGTTIN)
                 new += 1
             self.wait_ready(self.new, new, no_exits=True)
-            if not proc.wait_for(lambda: len(self._ready_workers(self.old)) <= self.old_workers,
+            if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) <= self.old_workers,
                                  self.app.graceful_timeout + 10, tick=self.n.extend):
                 print(f"reloader: {self.app.name}: old workers of master {self.old} still finishing requests "
                       "after graceful_timeout; going on", file=sys.stderr, flush=True)
@@ -319,13 +341,13 @@ class Swap:
         """A lockstep swap failed: give the old master its full worker count back before the new one
         goes, so capacity never drops below workers."""
         missing = self.app.workers - self.old_workers
-        if missing <= 0 or not proc.alive(self.old):
+        if missing <= 0 or not self.proc.alive(self.old):
             return
         self.n.status(f"rolling back: restoring master {self.old} to {self.app.workers} workers (TTIN x{missing})")
         for _ in range(missing):
             self.signal_master(self.old, signal.SIGTTIN)
             self.old_workers += 1
-        if not proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
+        if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
                              self.app.ready_timeout, tick=self.n.extend):
             print(f"reloader: {self.app.name}: master {self.old} has only {len(self._ready_workers(self.old))} "
                   f"of {self.app.workers} workers ready after ready_timeout", file=sys.stderr, flush=True)
@@ -340,12 +362,12 @@ class Swap:
         self.n.status(f"baking the new generation for {seconds:g} s")
         deadline = time.monotonic() + seconds
         while True:
-            if not proc.alive(master):
+            if not self.proc.alive(master):
                 raise Refused(f"the new master {master} died during the bake")
             lost = self._exits(master) - expected_exits
             if lost:
                 raise Refused(f"{len(lost)} new worker(s) died during the bake (e.g. pid {min(lost)})")
-            status, error = health(self.app)
+            status, error = self.health(self.app)
             if not self.app.health_ok(status):
                 raise Refused(f"health check {self.app.health_path} through {self.app.socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error} during the bake")
@@ -355,8 +377,9 @@ class Swap:
 
     def hand_over(self) -> None:
         self.n.status(f"handing MainPID over to the new master {self.new}")
+        self.handed_over = True
         self.n.send(f"MAINPID={self.new}")
-        if self.main_pid_from_bus and not proc.wait_for(lambda: self.main_pid_from_bus() == self.new, 10):
+        if self.main_pid_from_bus and not self.proc.wait_for(lambda: self.main_pid_from_bus() == self.new, 10):
             raise Refused(f"systemd did not accept MAINPID={self.new} (is NotifyAccess=exec set?)")
 
     def roll_back(self) -> None:
@@ -366,28 +389,58 @@ class Swap:
             return
         how = "TERM" if self.gate_open else "QUIT: its workers never took a request"
         self.n.status(f"rolling back: stopping new master {self.new} ({how}), master {self.old} keeps serving")
-        if self.main_pid_from_bus and self.main_pid_from_bus() == self.new:
+        if self.handed_over:  # systemd may have taken it (asking it over D-Bus may be what failed)
             self.n.send(f"MAINPID={self.old}")
-        proc.send(self.new, signal.SIGTERM if self.gate_open else signal.SIGQUIT)
-        proc.wait_for(lambda: not proc.alive(self.new), self.app.graceful_timeout + 10, tick=self.n.extend)
+            self.handed_over = False
+        self.proc.send(self.new, signal.SIGTERM if self.gate_open else signal.SIGQUIT)
+        self.proc.wait_for(lambda: self._reaped(self.new), self.app.graceful_timeout + 10, tick=self.n.extend)
 
     def retire_old_generation(self) -> None:
         self.n.status(f"retiring old master {self.old} gracefully (TERM): in-flight requests finish")
-        proc.send(self.old, signal.SIGTERM)
-        if not proc.wait_for(lambda: not proc.alive(self.old), self.app.graceful_timeout + 10, tick=self.n.extend):
+        self.proc.send(self.old, signal.SIGTERM)
+        if not self.proc.wait_for(lambda: not self.proc.alive(self.old), self.app.graceful_timeout + 10,
+                                  tick=self.n.extend):
             # Past graceful_timeout gunicorn kills its own workers; a master still here is wedged.
             raise Refused(f"old master {self.old} did not exit after graceful_timeout; the new generation "
                           f"{self.new} is serving")
 
     def confirm(self) -> None:
-        if not proc.alive(self.new):
+        if not self.proc.alive(self.new):
             raise Refused(f"the new master {self.new} died right after taking over")
         # Its parent is gone: gunicorn promotes it and renames gunicorn.pid.2 on its next loop.
-        proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.new, 5)
+        self.proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.new, 5)
         if self.main_pid_from_bus:
             main = self.main_pid_from_bus()
             if main != self.new:
                 raise Refused(f"systemd's MainPID is {main}, expected the new master {self.new}")
+
+    def undo(self, *steps: Callable[[], None]) -> None:
+        """Run every roll-back step, even when one before it failed (its failure goes to the journal)."""
+        for step in steps:
+            try:
+                step()
+            except Exception as e:
+                print(f"reloader: {self.app.name}: rolling back: {step.__name__} failed: {reason(e)}",
+                      file=sys.stderr, flush=True)
+
+    def retire_again(self) -> None:
+        if self.proc.alive(self.old):
+            self.proc.send(self.old, signal.SIGTERM)
+
+    def _serving_but(self, failure: Exception) -> int:
+        """The hand-over succeeded, then retiring or confirming failed: the new generation serves, so
+        the records say so (a restart boots it); the reload still fails and says why. An old master
+        still running gets its TERM (again): whatever failed may have come before it."""
+        self.undo(self.retire_again)
+        try:
+            releases.record_live(self.app, self.target)
+        except OSError as e:
+            print(f"reloader: {self.app.name}: cannot record release {self.release()} live in "
+                  f"{self.app.state_dir}: {e.strerror}", file=sys.stderr)
+        self.n.status(f"serving release {self.release()} (master {self.new}), but: {reason(failure)}")
+        self.report_cost()
+        self.n.send("READY=1")
+        return 1
 
     # --- helpers ----------------------------------------------------------------------------------
     def signal_master(self, master: int, sig: signal.Signals) -> None:
@@ -395,7 +448,7 @@ class Swap:
         wait = self._signalled.get(master, 0.0) + SIGNAL_GAP - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        if not proc.send(master, sig):
+        if not self.proc.send(master, sig):
             raise Refused(f"master {master} exited during the swap; see journalctl -u {self.app.service}")
         self._signalled[master] = time.monotonic()
 
@@ -420,7 +473,7 @@ class Swap:
 
     def _serving(self) -> str:
         """What the running generation serves: its master's working directory (the release it resolved)."""
-        master = self.old if proc.alive(self.old) else 0
+        master = self.old if self.proc.alive(self.old) else 0
         if not master:
             return ""
         try:
@@ -428,8 +481,17 @@ class Swap:
         except OSError:
             return f"master {master}"
 
+    def _reaped(self, pid: int) -> bool:
+        """*pid*, a new master forked by the old one, is gone for good: the old master reaped it. Having
+        exited is not enough: until gunicorn's master has handled that SIGCHLD it ignores USR2 ("USR2
+        signal ignored. Child exists."), and when both are pending it handles the USR2 first (CPython runs
+        signal handlers in signal-number order: USR2 is 12, CHLD 17), so the next reload would wait 30 s
+        for a new master that never comes. A zombie's parent is still the old master; a reaped pid has
+        none (or, reused, another)."""
+        return self.proc.ppid(pid) != self.old
+
     def _ready_workers(self, master: int) -> set[int]:
-        return ready_workers(self.ready_dir, master)
+        return ready_workers(self.ready_dir, master, self.proc)
 
     def _exits(self, master: int) -> set[int]:
         return worker_exits(self.ready_dir, master)
@@ -490,11 +552,11 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
     return 0
 
 
-def _is_master(pid: int, app: AppConfig) -> bool:
+def _is_master(pid: int, app: AppConfig, processes: ProcessTable = proc) -> bool:
     """A gunicorn master of this app: it has a ready-dir entry, or is named in one of its pidfiles."""
     if (Path(app.ready_dir) / str(pid) / "master").exists():
         return True
-    return pid in (_read_pid(app.pidfile), _read_pid(app.new_pidfile)) and proc.alive(pid)
+    return pid in (_read_pid(app.pidfile), _read_pid(app.new_pidfile)) and processes.alive(pid)
 
 
 def _read_pid(path: str) -> int:

@@ -1,0 +1,399 @@
+"""Every step of every reload strategy failing, on the host in milliseconds: the engines (reloader.swap,
+reloader.fleet) run for real against a simulated process table, ready markers in a tmp dir, a recording
+notifier and a fake bus (tests/fakes.py).
+
+The documented end state of a failed reload (docs/failure-paths.md): the old generation serves with all
+its workers, the new one is stopped, MAINPID names the old master, READY=1 was sent, the last STATUS= says
+why in one line, the exit status is 1, and the records still name the old release live (the refused one
+is listed as refused). After the hand-over the new generation serves: then the records name it live.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from configbed import cfg
+from fakes import DBusError, FakeNotifier, ProcessTable, in_tmp, preflight_that
+
+from reloader import releases, swap
+from reloader.config import AppConfig, parse
+from reloader.engine import Refused
+from reloader.swap import Swap
+
+WORKERS = 4
+
+
+@pytest.fixture(autouse=True)
+def no_signal_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulated masters handle every signal (no CPython coalescing): no need to space them."""
+    monkeypatch.setattr(swap, "SIGNAL_GAP", 0.0)
+
+
+class Host:
+    """One app with release 1 live and release 2 in ``current``, its master running on the fake table."""
+
+    def __init__(self, root: Path, **reload: Any) -> None:
+        srv = root / "srv"
+        for release in ("1", "2"):
+            (srv / "releases" / release).mkdir(parents=True)
+        (srv / "venv").mkdir()
+        (srv / "current").symlink_to(srv / "releases" / "2")
+        self.app: AppConfig = in_tmp(parse(cfg(
+            {"working_directory": str(srv / "current"), "virtualenv": str(srv / "venv")},
+            gunicorn={"workers": WORKERS}, reload={"bake_seconds": 0, "ready_timeout": 10, **reload})), root)
+        Path(self.app.runtime_dir).mkdir(parents=True)
+        releases.record_live(self.app, releases.Release(str(srv / "releases" / "1"), str(srv / "venv")))
+        self.records = releases.read(self.app)
+        self.table = ProcessTable(self.app)
+        self.old = self.table.main
+        self.n = FakeNotifier(self.old)
+        self.bus: Callable[[], int] = lambda: self.n.main_pid
+        self.preflight = preflight_that(self.table)
+        self.health: Callable[..., tuple[int, str]] = lambda app, **_: (200, "")
+
+    def swap(self) -> Swap:
+        return Swap(self.app, self.old, self.n, lambda: self.bus(), processes=self.table,  # noqa: PLW0108 (read late)
+                    health=lambda app, **kw: self.health(app, **kw), checker=self.preflight)
+
+    def run(self, engine: Swap | None = None) -> int:
+        return (engine or self.swap()).run()
+
+    # --- the documented end states -------------------------------------------------------------------
+    def assert_refused(self, rc: int, why: str) -> None:
+        """Refused: the old generation serves as before, nothing of the new one is left, systemd was told."""
+        status = self.n.statuses[-1]
+        assert rc == 1, self.n.sent
+        assert status.startswith("reload refused: release 2: ") and why in status, status
+        assert "\n" not in status
+        assert self.n.sent[-1] == "READY=1", self.n.sent[-3:]
+        assert self.n.main_pid == self.old, "MAINPID does not name the old master"
+        assert self.table.masters() == [self.old], f"still running: {self.table.masters()}"
+        assert len(self.table.ready_workers_of(self.old)) == WORKERS, self.table.workers_of(self.old)
+        assert releases.read(self.app).live == self.records.live, "the records changed what is live"
+        assert releases.read(self.app).refused.get(self.records.live.release) is None
+        assert not Path(self.app.boot_request).exists()
+        left = sorted(p.name for p in Path(self.app.ready_dir).iterdir())
+        assert left == [str(self.old)], f"ready markers of other masters left: {left}"
+
+    def assert_refused_and_recorded(self, rc: int, why: str) -> None:
+        self.assert_refused(rc, why)
+        refused = releases.read(self.app).refused
+        assert any(why in r.reason for r in refused.values()), refused
+
+    def assert_deployed(self, rc: int) -> int:
+        """The new generation serves alone and is recorded live; returns its master."""
+        assert rc == 0, self.n.statuses[-3:]
+        (new,) = self.table.masters()
+        assert new != self.old and self.n.main_pid == new
+        assert len(self.table.ready_workers_of(new)) == WORKERS
+        assert releases.read(self.app).live.name == "2"
+        assert self.n.statuses[-1].startswith("serving release 2, generation 2")
+        assert self.n.sent[-1] == "READY=1"
+        return new
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path)
+
+
+@pytest.fixture
+def lockstep(tmp_path: Path) -> Host:
+    return Host(tmp_path, max_surge=1)
+
+
+@pytest.fixture
+def hup(tmp_path: Path) -> Host:
+    return Host(tmp_path, strategy="hup")
+
+
+# --- the simulation is faithful where it matters -----------------------------------------------------------
+def test_a_reload_deploys_on_the_fake_host(host: Host) -> None:
+    new = host.assert_deployed(host.run())
+    assert host.table.procs[new].gate_seen_at is not None
+
+
+def test_a_lockstep_reload_deploys_never_running_more_than_workers_plus_surge(lockstep: Host) -> None:
+    peak = [0]
+    original = lockstep.table.advance
+
+    def counting(seconds: float) -> None:
+        original(seconds)
+        alive = sum(len(lockstep.table.workers_of(m)) for m in lockstep.table.masters())
+        peak[0] = max(peak[0], alive)
+
+    lockstep.table.advance = counting  # type: ignore[method-assign]
+    lockstep.assert_deployed(lockstep.run())
+    assert peak[0] <= WORKERS + 1, peak
+
+
+def test_a_hup_reload_replaces_the_workers_of_the_same_master(hup: Host) -> None:
+    before = hup.table.workers_of(hup.old)
+    assert hup.run() == 0, hup.n.statuses[-3:]
+    assert hup.table.masters() == [hup.old] and hup.n.main_pid == hup.old
+    assert set(hup.table.ready_workers_of(hup.old)).isdisjoint(before)
+    assert releases.read(hup.app).live.name == "2"
+
+
+# --- each step refusing ------------------------------------------------------------------------------------
+def test_a_refusing_preflight_keeps_the_gate_shut_and_the_old_generation(host: Host) -> None:
+    """The new workers are ready long before the pre-flight refuses: the gate must stay shut."""
+    host.preflight = preflight_that(host.table, refuses="ImportError: no module named x (app.py:1)", seconds=2)
+    host.assert_refused_and_recorded(host.run(), "ImportError: no module named x")
+    new = max(host.table.procs)
+    while not host.table.procs[new].master:
+        new -= 1
+    assert host.table.procs[new].gate_seen_at is None, "the gate opened before the pre-flight passed"
+    assert (host.table.clock, new, "SIGQUIT") in host.table.log or any(
+        pid == new and what == "SIGQUIT" for _, pid, what in host.table.log), "a gated generation is QUIT"
+
+
+def test_the_old_master_ignoring_usr2_is_refused(host: Host) -> None:
+    host.table.usr2_ignored = True
+    host.assert_refused_and_recorded(host.run(), "did not start a new master within 30 s")
+
+
+def test_workers_that_never_load_the_app_are_refused(host: Host) -> None:
+    host.table.never_ready = True
+    host.assert_refused_and_recorded(host.run(), "of 4 workers loaded the app within ready_timeout")
+
+
+def test_a_new_master_dying_while_booting_is_refused(host: Host) -> None:
+    host.table.never_ready = True
+    host.table.master_dies_at = 1.0
+    host.assert_refused_and_recorded(host.run(), "the new generation exited while booting")
+
+
+def test_a_gate_that_cannot_be_opened_is_refused(host: Host) -> None:
+    host.table.gate_blocked = True
+    host.assert_refused_and_recorded(host.run(), "cannot open the gate")
+
+
+def test_an_unhealthy_bake_rolls_back(tmp_path: Path) -> None:
+    host = Host(tmp_path, bake_seconds=0.2)
+    host.health = lambda app, **_: (500, "")
+    host.assert_refused_and_recorded(host.run(), "answered 500 during the bake")
+
+
+def test_a_new_master_dying_during_the_bake_rolls_back(tmp_path: Path) -> None:
+    host = Host(tmp_path, bake_seconds=1)
+
+    def health_then_die(app: AppConfig, **_: Any) -> tuple[int, str]:
+        newest = max(host.table.masters())
+        if newest != host.old:
+            host.table.exit(newest)
+        return 200, ""
+
+    host.health = health_then_die
+    host.assert_refused_and_recorded(host.run(), "died during the bake")
+
+
+def test_systemd_not_taking_mainpid_rolls_back(host: Host) -> None:
+    host.bus = lambda: host.old  # NotifyAccess= not letting the helper hand over
+    host.assert_refused_and_recorded(host.run(), "systemd did not accept MAINPID=")
+
+
+# --- lockstep: the old master gets its workers back before the new one goes ----------------------------------
+def test_a_new_worker_dying_in_the_lockstep_trade_restores_the_old_master(lockstep: Host) -> None:
+    table = lockstep.table
+    original = table.advance
+    killed: list[int] = []
+
+    def a_new_worker_dies_once_the_trade_began(seconds: float) -> None:
+        original(seconds)
+        new = [m for m in table.masters() if m != lockstep.old]
+        if not killed and new and table.procs[new[0]].workers >= 2 and table.ready_workers_of(new[0]):
+            killed.append(table.ready_workers_of(new[0])[0])
+            table.exit(killed[0])
+
+    table.advance = a_new_worker_dies_once_the_trade_began  # type: ignore[method-assign]
+    lockstep.assert_refused_and_recorded(lockstep.run(), "new worker(s) died during the lockstep swap")
+    assert killed and any(what == "SIGTTIN" and pid == lockstep.old for _, pid, what in table.log), killed
+
+
+def test_workers_that_never_load_in_lockstep_leave_the_old_master_whole(lockstep: Host) -> None:
+    lockstep.table.never_ready = True
+    lockstep.assert_refused_and_recorded(lockstep.run(), "of 1 workers loaded the app within ready_timeout")
+
+
+# --- any exception, not only a refusal, at every step --------------------------------------------------------
+STEPS_BEFORE_THE_HAND_OVER = ["spawn_new_generation", "wait_ready", "open_gate", "trade_workers", "bake",
+                              "hand_over"]
+FAILURES: dict[str, Callable[[], BaseException]] = {
+    "Refused": lambda: Refused("injected refusal"),
+    "OSError": lambda: OSError(errno.EIO, "injected I/O error"),
+    "DBusError": lambda: DBusError("org.freedesktop.DBus.Error.NoReply: injected"),
+}
+
+
+def fail_after(engine: Swap, step: str, failure: BaseException) -> None:
+    """Make *step* of *engine* do its work, then raise *failure* (the harder case: more to undo)."""
+    real = getattr(engine, step)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        raise failure
+
+    setattr(engine, step, failing)
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+@pytest.mark.parametrize(("surge", "step"), [
+    pytest.param(surge, step, id=f"{'lockstep' if surge else 'gated'}-{step}")
+    for surge in (0, 1) for step in STEPS_BEFORE_THE_HAND_OVER
+    if surge or step != "trade_workers"  # the gated generation (surge 0) has no trade
+])
+def test_an_exception_at_any_step_before_the_hand_over_rolls_back(tmp_path: Path, surge: int, step: str,
+                                                                   failure: str) -> None:
+    host = Host(tmp_path, max_surge=surge, bake_seconds=0.05 if step == "bake" else 0)
+    engine = host.swap()
+    fail_after(engine, step, FAILURES[failure]())
+    why = "injected refusal" if failure == "Refused" else f"unexpected {failure}:"
+    host.assert_refused_and_recorded(host.run(engine), why)
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_a_bus_error_confirming_the_hand_over_rolls_back_and_names_the_old_master_again(
+        host: Host, failure: str) -> None:
+    """MAINPID= went out, then asking systemd whether it took it failed: the old master is named again."""
+    def broken_bus() -> int:
+        raise FAILURES[failure]()
+
+    host.bus = broken_bus
+    rc = host.run()
+    host.assert_refused(rc, "injected")
+    mainpids = [s for s in host.n.sent if s.startswith("MAINPID=")]
+    assert mainpids[-1] == f"MAINPID={host.old}" and len(mainpids) == 2, mainpids
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+@pytest.mark.parametrize("step", ["retire_old_generation", "confirm"])
+def test_an_exception_after_the_hand_over_leaves_the_new_generation_serving_and_recorded(
+        host: Host, step: str, failure: str) -> None:
+    """Past the hand-over there is no going back: the records must say what serves (the new release)."""
+    engine = host.swap()
+    fail_after(engine, step, FAILURES[failure]())
+    rc = host.run(engine)
+    assert rc == 1
+    (new,) = host.table.masters()
+    assert new != host.old and host.n.main_pid == new
+    assert releases.read(host.app).live.name == "2", "the records say the old release serves"
+    status = host.n.statuses[-1]
+    assert status.startswith(f"serving release 2 (master {new}), but: ") and "injected" in status, status
+    assert host.n.sent[-1] == "READY=1"
+
+
+def test_an_exception_before_the_old_master_got_term_still_retires_it(host: Host) -> None:
+    engine = host.swap()
+
+    def failing() -> None:
+        raise OSError(errno.EIO, "injected before the TERM")
+
+    engine.retire_old_generation = failing  # type: ignore[method-assign]
+    assert host.run(engine) == 1
+    host.table.wait_for(lambda: host.old not in host.table.masters(), 60)
+    assert host.table.masters() != [host.old] and len(host.table.masters()) == 1, host.table.masters()
+    assert releases.read(host.app).live.name == "2"
+
+
+def test_a_rollback_step_failing_does_not_skip_the_next(lockstep: Host) -> None:
+    """Restoring the old master's workers fails: the new master must still be stopped."""
+    engine = lockstep.swap()
+    fail_after(engine, "trade_workers", OSError(errno.EIO, "injected"))
+
+    def restore_fails() -> None:
+        raise DBusError("injected in the restore")
+
+    engine.restore_old_generation = restore_fails  # type: ignore[method-assign]
+    rc = lockstep.run(engine)
+    assert rc == 1 and lockstep.n.sent[-1] == "READY=1"
+    assert lockstep.table.masters() == [lockstep.old], "the new master was left running"
+    assert lockstep.n.main_pid == lockstep.old
+
+
+# --- a dead master, before anything started ---------------------------------------------------------------
+def test_a_dead_main_pid_is_refused_without_touching_anything(host: Host) -> None:
+    host.table.exit(host.old)
+    rc = host.run()
+    assert rc == 1 and "is not running; start the service instead" in host.n.statuses[-1]
+    assert host.n.sent[-1] == "READY=1"
+    assert releases.read(host.app) == host.records
+    assert not [what for _, _, what in host.table.log if what.startswith("SIG")]
+
+
+# --- hup: one master, its workers replaced ---------------------------------------------------------------------
+def test_hup_with_a_refusing_preflight_sends_no_signal(hup: Host) -> None:
+    hup.preflight = preflight_that(hup.table, refuses="SyntaxError (app.py:3)")
+    hup.assert_refused_and_recorded(hup.run(), "SyntaxError")
+    assert not [what for _, _, what in hup.table.log if what == "SIGHUP"]
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_hup_failing_to_signal_is_refused_with_the_master_untouched(hup: Host, failure: str) -> None:
+    def broken(pid: int, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            raise FAILURES[failure]()
+
+    hup.table.on_send = broken
+    hup.assert_refused_and_recorded(hup.run(), "injected")
+
+
+def test_hup_workers_that_never_load_are_refused_and_systemd_told(hup: Host) -> None:
+    """HUP has no second generation to fall back to: refused, READY=1, the master and MAINPID unchanged."""
+    hup.table.never_ready = True
+    rc = hup.run()
+    assert rc == 1 and hup.n.sent[-1] == "READY=1" and hup.n.main_pid == hup.old
+    assert "of 4 workers loaded the app within ready_timeout" in hup.n.statuses[-1]
+    assert releases.read(hup.app).live == hup.records.live
+
+
+# --- a helper killed mid-reload: the next reload cleans up first ---------------------------------------------
+def leave_a_stray_generation(host: Host) -> int:
+    """What a helper SIGKILLed while the new workers boot leaves: a gated new master, child of the old."""
+    releases.write_boot_request(host.app, host.old, releases.Release(str(Path(host.app.working_directory).resolve()),
+                                                                     ""), dict(os.environ), gated=True)
+    host.table.send(host.old, signal.SIGUSR2)
+    host.table.advance(0.05)
+    (stray,) = [m for m in host.table.masters() if m != host.old]
+    return stray
+
+
+def test_the_next_reload_stops_a_stray_generation_and_deploys(host: Host) -> None:
+    """The stray exits and becomes a zombie; its parent reaps it only when it next handles signals, and
+    with SIGCHLD and USR2 both pending it handles USR2 first ("Child exists", ignored). The helper must
+    wait for the reap, not just for the exit (the flaky killed-helper test on a loaded host)."""
+    stray = leave_a_stray_generation(host)
+    new = host.assert_deployed(host.run())
+    assert new != stray
+    assert not [entry for entry in host.table.log if entry[2].startswith("USR2 ignored")], host.table.log
+    assert host.table.procs[stray].state == "reaped"
+
+
+def test_a_stray_after_an_interrupted_lockstep_swap_gets_the_old_workers_back(lockstep: Host) -> None:
+    engine = lockstep.swap()
+    lockstep.table.master_dies_at = None
+
+    def killed_helper() -> None:  # the helper dies mid-trade: the TTOUs happened, nothing was undone
+        raise SystemExit("SIGKILL")
+
+    real_wait = engine.wait_ready
+    calls = [0]
+
+    def wait_then_die(*args: Any, **kwargs: Any) -> None:
+        real_wait(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2:
+            killed_helper()
+
+    engine.wait_ready = wait_then_die  # type: ignore[method-assign]
+    with pytest.raises(SystemExit):
+        engine.run()
+    assert len(lockstep.table.workers_of(lockstep.old)) < WORKERS
+    lockstep.n = FakeNotifier(lockstep.old)
+    lockstep.assert_deployed(lockstep.run())
