@@ -370,7 +370,7 @@ def test_the_next_reload_stops_a_stray_generation_and_deploys(host: Host) -> Non
     wait for the reap, not just for the exit (the flaky killed-helper test on a loaded host)."""
     stray = leave_a_stray_generation(host)
     new = host.assert_deployed(host.run())
-    assert new != stray
+    assert new != stray, "the reload adopted the stray generation the killed helper started"
     assert not [entry for entry in host.table.log if entry[2].startswith("USR2 ignored")], host.table.log
     assert host.table.procs[stray].state == "reaped"
 
@@ -395,5 +395,10 @@ def test_a_stray_after_an_interrupted_lockstep_swap_gets_the_old_workers_back(lo
     with pytest.raises(SystemExit):
         engine.run()
     assert len(lockstep.table.workers_of(lockstep.old)) < WORKERS
+    (stray,) = [m for m in lockstep.table.masters() if m != lockstep.old]
     lockstep.n = FakeNotifier(lockstep.old)
-    lockstep.assert_deployed(lockstep.run())
+    signalled = len(lockstep.table.log)
+    new = lockstep.assert_deployed(lockstep.run())
+    assert new != stray, "the reload adopted the stray generation the killed helper started"
+    after = [(pid, what) for _, pid, what in lockstep.table.log[signalled:]]
+    assert after.index((lockstep.old, "SIGTTIN")) < after.index((stray, "SIGTERM")), after
