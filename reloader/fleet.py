@@ -56,6 +56,10 @@ from .render import upstream
 NGINX = "nginx.service"
 
 
+class ServingBut(Failed):
+    """The deploy's switch happened and the new release serves (and is recorded live); a later step failed."""
+
+
 class Fleet:
     """The instances of one app, the routes nginx reaches them through, and the records. Each step
     reports through STATUS=; the strategies below are made of these steps."""
@@ -293,6 +297,10 @@ class Fleet:
             self.checker(self.app, self.n, as_app_user=os.geteuid() == 0).result()
             (BlueGreen(self) if self.app.strategy.one_live_instance else Rolling(self)).run()
         except Exception as e:  # a bus error or an OSError is a refused deploy too: recorded, then reported
+            live = self.routed("live") if self.app.strategy.one_live_instance else ""
+            if live and self.pinned(live) == target:  # switched and baked: the new release serves
+                self.record_live(target)
+                raise ServingBut(f"release {os.path.basename(target)} serves on {live}, but: {reason(e)}") from e
             releases.record_refused(self.app, target, reason(e))
             raise
         self.record_live(target)
@@ -308,11 +316,10 @@ class BlueGreen:
 
     def run(self) -> None:
         live, idle = self.colours()
-        self.start_idle(idle)
-        if self.f.rollback_requested():
-            self.f.stop(idle)
-            raise Refused("rolled back on operator request (reloader rollback) before the switch")
         try:
+            self.start_idle(idle)
+            if self.f.rollback_requested():
+                raise Refused("rolled back on operator request (reloader rollback) before the switch")
             self.switch(live, idle)
             self.bake(idle)
         except Exception as e:  # not only Refused: whatever failed, the old colour serves again
@@ -485,6 +492,7 @@ def run(app: AppConfig, action: str) -> int:
             summary = fleet.deploy() if action == "deploy" else fleet.bring_up()
     except Exception as e:  # any failure: one STATUS= line and exit status 1 (a traceback if unexpected)
         what = {"deploy": "reload refused", "start": "start failed"}.get(action, f"{action} failed")
+        what = "deployed" if isinstance(e, ServingBut) else what
         if isinstance(e, OSError) and e.filename:
             why = f"{e.strerror}: {e.filename}"
         elif isinstance(e, Refused | Failed | OSError):

@@ -435,3 +435,78 @@ class FakePreflight:
 def preflight_that(table: ProcessTable, *, refuses: str = "", seconds: float = 0.1) -> type[FakePreflight]:
     """A pre-flight class that passes (or refuses with *refuses*) after *seconds* on *table*'s clock."""
     return type("ScriptedPreflight", (FakePreflight,), {"table": table, "refusal": refuses, "seconds": seconds})
+
+
+class FakeSystemd:
+    """reloader.bus.Systemd for the fleet engine: instance units whose start boots a master (and its
+    workers, marking ready in the instance's ready dir) on a :class:`ProcessTable`, and stop stops it.
+
+    Faults: *fail_start* (instance names whose start job ends "failed"), *raise_on* ({method name:
+    exception}: raised by that method, e.g. a D-Bus error from ``state``), *dies_booting* (instance names
+    whose unit goes inactive while booting)."""
+
+    def __init__(self, app: AppConfig, table: ProcessTable) -> None:
+        self.app, self.table = app, table
+        self.mains: dict[str, int] = {}  #: unit -> its master
+        self.jobs: list[tuple[str, str]] = []  #: (verb, unit), in order
+        self.fail_start: set[str] = set()
+        self.dies_booting: set[str] = set()
+        self.raise_on: dict[str, BaseException] = {}
+
+    def _maybe_raise(self, method: str) -> None:
+        if method in self.raise_on:
+            raise self.raise_on[method]
+
+    def _instance(self, unit: str) -> str:
+        return unit.split("@", 1)[1].rsplit(".", 1)[0]
+
+    def state(self, name: str) -> Any:
+        from reloader.bus import UnitState
+
+        self._maybe_raise("state")
+        main = self.mains.get(name, 0)
+        if main and not self.table.alive(main):
+            del self.mains[name]
+            main = 0
+        if not main:
+            return UnitState(name, "loaded", "inactive", "dead")
+        if name.endswith(".socket"):
+            return UnitState(name, "loaded", "active", "listening")
+        return UnitState(name, "loaded", "active", "running", main_pid=main)
+
+    def start_unit(self, name: str, *, timeout: float) -> str:
+        self._maybe_raise("start_unit")
+        self.jobs.append(("start", name))
+        if name.endswith(".socket"):
+            return "done"
+        if self.mains.get(name) and self.table.alive(self.mains[name]):
+            return "done"
+        instance = self._instance(name)
+        if instance in self.fail_start:
+            return "failed"
+        ready_dir = Path(self.app.instance_ready_dir(instance))
+        self.mains[name] = self.table.start_master(1, self.app.workers, ready_dir=ready_dir)
+        if instance in self.dies_booting:
+            self.table.exit(self.mains[name])
+        return "done"
+
+    def restart_unit(self, name: str, *, timeout: float) -> str:
+        self._maybe_raise("restart_unit")
+        self.stop_unit(name, timeout=timeout)
+        return self.start_unit(name, timeout=timeout)
+
+    def stop_unit(self, name: str, *, timeout: float) -> str:
+        self._maybe_raise("stop_unit")
+        self.jobs.append(("stop", name))
+        main = self.mains.pop(name, 0)
+        if main and self.table.alive(main):
+            self.table.exit(main)
+        return "done"
+
+    def reload_unit(self, name: str, *, timeout: float, progress: Any = None) -> str:
+        self.jobs.append(("reload", name))
+        return "done"
+
+    def running(self) -> list[str]:
+        """The instances whose unit runs."""
+        return sorted(self._instance(u) for u, m in self.mains.items() if self.table.alive(m))

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from configbed import cfg
-from fakes import DBusError, FakeNotifier, ProcessTable, in_tmp, preflight_that
+from fakes import DBusError, FakeNotifier, FakeSystemd, ProcessTable, in_tmp, preflight_that
 
 from reloader import releases, swap
 from reloader.config import AppConfig, parse
@@ -402,3 +402,221 @@ def test_a_stray_after_an_interrupted_lockstep_swap_gets_the_old_workers_back(lo
     assert new != stray, "the reload adopted the stray generation the killed helper started"
     after = [(pid, what) for _, pid, what in lockstep.table.log[signalled:]]
     assert after.index((lockstep.old, "SIGTTIN")) < after.index((stray, "SIGTERM")), after
+
+
+# --- blue-green and rolling (reloader.fleet) --------------------------------------------------------------------
+class FleetHost:
+    """An app of two colours (or three rolling instances), every instance on release 1, deploying release 2."""
+
+    def __init__(self, root: Path, strategy: str = "blue-green", **reload: Any) -> None:
+        srv = root / "srv"
+        for release in ("1", "2"):
+            (srv / "releases" / release).mkdir(parents=True)
+        (srv / "venv").mkdir()
+        (srv / "current").symlink_to(srv / "releases" / "2")
+        self.old_release, self.new_release = str(srv / "releases" / "1"), str(srv / "releases" / "2")
+        self.app = in_tmp(parse(cfg(
+            {"working_directory": str(srv / "current"), "virtualenv": str(srv / "venv")},
+            gunicorn={"workers": 2}, reload={"strategy": strategy, "bake_seconds": 0, "ready_timeout": 10,
+                                             **reload})), root)
+        self.table = ProcessTable(self.app, workers=1)
+        self.sd = FakeSystemd(self.app, self.table)
+        self.n = FakeNotifier(0)
+        self.preflight = preflight_that(self.table)
+        self.health: Callable[..., tuple[int, str]] = lambda app, **_: (200, "")
+        fleet = self.fleet()
+        for instance in self.app.instance_names:
+            fleet.pin(instance, self.old_release)
+        fleet.bring_up()
+        self.records = releases.read(self.app)
+        assert self.records.live is not None and self.records.live.release == self.old_release
+
+    def fleet(self) -> Any:
+        from reloader.fleet import Fleet
+
+        return Fleet(self.app, self.sd, self.n, processes=self.table,  # type: ignore[arg-type]
+                     health=lambda app, **kw: self.health(app, **kw), checker=self.preflight)
+
+    def deploy(self) -> BaseException | None:
+        try:
+            self.fleet().deploy()
+        except Exception as e:
+            return e
+        return None
+
+    def routes(self) -> dict[str, str]:
+        fleet = self.fleet()
+        return {slot: fleet.routed(slot) for slot in self.app.route_slots}
+
+    def assert_blue_still_serves(self, failure: BaseException | None, why: str) -> None:
+        assert failure is not None, "the deploy did not fail"
+        assert why in str(failure) or why in repr(failure), failure
+        assert self.routes() == {"live": "blue"}, self.routes()
+        assert self.sd.running() == ["blue"], self.sd.running()
+        assert self.fleet().pinned("blue") == self.old_release
+        records = releases.read(self.app)
+        assert records.live == self.records.live
+        assert self.new_release in records.refused, records.refused
+
+
+@pytest.fixture
+def blue_green(tmp_path: Path) -> FleetHost:
+    return FleetHost(tmp_path)
+
+
+@pytest.fixture
+def rolling(tmp_path: Path) -> FleetHost:
+    return FleetHost(tmp_path, "rolling")
+
+
+def test_blue_green_deploys_on_the_fake_host(blue_green: FleetHost) -> None:
+    assert blue_green.deploy() is None
+    assert blue_green.routes() == {"live": "green"} and blue_green.sd.running() == ["green"]
+    assert releases.read(blue_green.app).live.release == blue_green.new_release
+
+
+def test_blue_green_with_a_refusing_preflight_starts_nothing(blue_green: FleetHost) -> None:
+    blue_green.preflight = preflight_that(blue_green.table, refuses="ImportError (app.py:1)")
+    blue_green.assert_blue_still_serves(blue_green.deploy(), "ImportError")
+    assert ("start", "flaskapp@green.service") not in blue_green.sd.jobs
+
+
+@pytest.mark.parametrize(("fault", "why"), [
+    ("start job failed", "failed to start (job failed)"),
+    ("died booting", "while booting"),
+    ("never ready", "not all 2 workers loaded the app within ready_timeout"),
+    ("unhealthy", "answered 503"),
+])
+def test_blue_green_refuses_an_idle_colour_that_does_not_come_up(blue_green: FleetHost, fault: str,
+                                                                 why: str) -> None:
+    if fault == "start job failed":
+        blue_green.sd.fail_start.add("green")
+    elif fault == "died booting":
+        blue_green.sd.dies_booting.add("green")
+    elif fault == "never ready":
+        blue_green.table.never_ready = True
+    else:
+        blue_green.health = lambda app, socket_path="", **_: (503 if "green" in socket_path else 200, "")
+    blue_green.assert_blue_still_serves(blue_green.deploy(), why)
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+@pytest.mark.parametrize("step", ["start_idle", "switch", "bake"])
+def test_blue_green_any_exception_before_the_retire_switches_back(tmp_path: Path, step: str,
+                                                                  failure: str) -> None:
+    from reloader import fleet
+
+    host = FleetHost(tmp_path)
+    real = getattr(fleet.BlueGreen, step)
+
+    calls = [0]
+
+    def failing(self: Any, *args: Any) -> None:  # the first call (the roll back switches back with it)
+        real(self, *args)
+        calls[0] += 1
+        if calls[0] == 1:
+            raise FAILURES[failure]()
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fleet.BlueGreen, step, failing)
+        host.assert_blue_still_serves(host.deploy(), "injected")
+
+
+def test_blue_green_a_bus_error_in_the_bake_switches_back(tmp_path: Path) -> None:
+    host = FleetHost(tmp_path, bake_seconds=0.3)
+    calls = [0]
+    real_state = host.sd.state
+
+    def state_then_broken(name: str) -> Any:
+        calls[0] += 1
+        if host.routes() == {"live": "green"} and calls[0] > 1:
+            raise DBusError("org.freedesktop.DBus.Error.NoReply: injected")
+        return real_state(name)
+
+    host.sd.state = state_then_broken  # type: ignore[method-assign]
+    failure = host.deploy()
+    host.sd.state = real_state  # type: ignore[method-assign]
+    host.assert_blue_still_serves(failure, "injected")
+
+
+def test_blue_green_failing_to_retire_the_old_colour_records_the_new_one_live(blue_green: FleetHost) -> None:
+    from reloader.fleet import ServingBut
+
+    real_stop = blue_green.sd.stop_unit
+
+    def stop(name: str, *, timeout: float) -> str:
+        if "blue" in name:
+            raise DBusError("injected while stopping blue")
+        return real_stop(name, timeout=timeout)
+
+    blue_green.sd.stop_unit = stop  # type: ignore[method-assign]
+    failure = blue_green.deploy()
+    assert isinstance(failure, ServingBut) and "serves on green" in str(failure), failure
+    assert blue_green.routes() == {"live": "green"}
+    assert releases.read(blue_green.app).live.release == blue_green.new_release
+
+
+def test_rolling_deploys_on_the_fake_host(rolling: FleetHost) -> None:
+    assert rolling.deploy() is None
+    fleet = rolling.fleet()
+    assert {i: fleet.pinned(i) for i in rolling.app.instance_names} == dict.fromkeys(("1", "2", "3"),
+                                                                                      rolling.new_release)
+    assert rolling.routes() == {"1": "1", "2": "2", "3": "3"}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_rolling_an_exception_restarting_an_instance_restores_it(rolling: FleetHost, failure: str) -> None:
+    """Instance 2 fails on the new release: it is back on release 1, every route points at its own
+    instance again, and the deploy is refused and recorded (instance 1 runs the new release: documented)."""
+    real = rolling.sd.restart_unit
+    failed = []
+
+    def restart(name: str, *, timeout: float) -> str:
+        if "@2." in name and not failed:
+            failed.append(name)
+            raise FAILURES[failure]()
+        return real(name, timeout=timeout)
+
+    rolling.sd.restart_unit = restart  # type: ignore[method-assign]
+    result = rolling.deploy()
+    assert isinstance(result, Refused) and "instance 2: " in str(result) and "injected" in str(result), result
+    fleet = rolling.fleet()
+    assert fleet.pinned("2") == rolling.old_release and fleet.pinned("3") == rolling.old_release
+    assert rolling.routes() == {"1": "1", "2": "2", "3": "3"}
+    assert rolling.sd.running() == ["1", "2", "3"]
+    assert rolling.new_release in releases.read(rolling.app).refused
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_rolling_an_exception_while_draining_puts_the_route_back(rolling: FleetHost, failure: str) -> None:
+    from reloader import fleet
+
+    real = fleet.Fleet.drained
+
+    def drained(self: Any, instance: str) -> None:
+        real(self, instance)
+        if instance == "2":
+            raise FAILURES[failure]()
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fleet.Fleet, "drained", drained)
+        result = rolling.deploy()
+    assert result is not None and "injected" in str(result), result
+    assert rolling.routes() == {"1": "1", "2": "2", "3": "3"}
+    assert rolling.fleet().pinned("2") == rolling.old_release
+
+
+def test_the_controller_reports_a_bus_error_in_one_status_line(blue_green: FleetHost,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """fleet.run: a D-Bus error (not Refused, Failed or OSError) still ends as one STATUS= line, exit 1."""
+    from contextlib import nullcontext
+
+    from reloader import fleet
+
+    Path(blue_green.app.upstream_path).unlink()  # the deploy rewrites it and asks nginx's state: that fails
+    blue_green.sd.raise_on["state"] = DBusError("org.freedesktop.DBus.Error.Disconnected: injected")
+    monkeypatch.setattr(fleet, "Systemd", lambda timeout: nullcontext(blue_green.sd))
+    monkeypatch.setattr(fleet, "Notifier", lambda name: blue_green.n)
+    assert fleet.run(blue_green.app, "deploy") == 1
+    status = blue_green.n.statuses[-1]
+    assert status.startswith("reload refused: unexpected DBusError: ") and "injected" in status, status
