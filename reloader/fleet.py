@@ -71,6 +71,8 @@ class Fleet:
         simulated process table, health check and pre-flight (*sd* is a fake bus there)."""
         self.app, self.sd, self.n = app, sd, n
         self.proc, self.health, self.checker = processes, health, checker
+        #: Blue-green: the colour this deploy switched to and baked (from then on there is no going back).
+        self.switched = ""
         self.state_path = Path(app.fleet_state_path)
         #: When this operation took the lock: a rollback request older than that was meant for another.
         self.since_ns = since_ns
@@ -297,10 +299,10 @@ class Fleet:
             self.checker(self.app, self.n, as_app_user=os.geteuid() == 0).result()
             (BlueGreen(self) if self.app.strategy.one_live_instance else Rolling(self)).run()
         except Exception as e:  # a bus error or an OSError is a refused deploy too: recorded, then reported
-            live = self.routed("live") if self.app.strategy.one_live_instance else ""
-            if live and self.pinned(live) == target:  # switched and baked: the new release serves
+            if self.switched and self.routed("live") == self.switched:  # baked: the new release serves
                 self.record_live(target)
-                raise ServingBut(f"release {os.path.basename(target)} serves on {live}, but: {reason(e)}") from e
+                raise ServingBut(f"release {os.path.basename(target)} serves on {self.switched}, but: "
+                                 f"{reason(e)}") from e
             releases.record_refused(self.app, target, reason(e))
             raise
         self.record_live(target)
@@ -316,15 +318,21 @@ class BlueGreen:
 
     def run(self) -> None:
         live, idle = self.colours()
+        switching = False
         try:
             self.start_idle(idle)
             if self.f.rollback_requested():
                 raise Refused("rolled back on operator request (reloader rollback) before the switch")
+            switching = True
             self.switch(live, idle)
             self.bake(idle)
         except Exception as e:  # not only Refused: whatever failed, the old colour serves again
-            self.roll_back(live, idle, e)
+            if switching:
+                self.roll_back(live, idle, e)
+            else:  # it never got traffic: just stop it (draining would knock on its socket and start it)
+                undo(self.f, f"stopping {idle}", lambda: self.f.stop(idle))
             raise
+        self.f.switched = idle
         self.retire(live)
 
     def colours(self) -> tuple[str, str]:

@@ -175,7 +175,7 @@ class Swap:
         self.wait_ready(self.old, self.app.workers, exclude=before)
         self.n.status("waiting for the old workers to finish their requests")
         if not self.proc.wait_for(lambda: not any(self.proc.alive(p) and self.proc.ppid(p) == self.old for p in before),
-                             self.app.graceful_timeout + 10, tick=self.n.extend):
+                                  self.app.graceful_timeout + 10, tick=self.n.extend):
             raise Refused("old workers did not exit within graceful_timeout")
         self.bake(self.old, expected_exits=before | exited_before)
 
@@ -219,7 +219,7 @@ class Swap:
         for _ in range(missing):
             self.signal_master(self.old, signal.SIGTTIN)
         if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
-                             self.app.ready_timeout, tick=self.n.extend):
+                                  self.app.ready_timeout, tick=self.n.extend):
             raise Refused(f"master {self.old} did not get back to {self.app.workers} workers within ready_timeout")
 
     def preflight(self) -> None:
@@ -333,7 +333,7 @@ class Swap:
                 new += 1
             self.wait_ready(self.new, new, no_exits=True)
             if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) <= self.old_workers,
-                                 self.app.graceful_timeout + 10, tick=self.n.extend):
+                                      self.app.graceful_timeout + 10, tick=self.n.extend):
                 print(f"reloader: {self.app.name}: old workers of master {self.old} still finishing requests "
                       "after graceful_timeout; going on", file=sys.stderr, flush=True)
 
@@ -348,7 +348,7 @@ class Swap:
             self.signal_master(self.old, signal.SIGTTIN)
             self.old_workers += 1
         if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
-                             self.app.ready_timeout, tick=self.n.extend):
+                                  self.app.ready_timeout, tick=self.n.extend):
             print(f"reloader: {self.app.name}: master {self.old} has only {len(self._ready_workers(self.old))} "
                   f"of {self.app.workers} workers ready after ready_timeout", file=sys.stderr, flush=True)
 

@@ -507,6 +507,15 @@ class FakeSystemd:
         self.jobs.append(("reload", name))
         return "done"
 
+    def connect(self, socket_path: str) -> None:
+        """A connection to an instance's socket: systemd's socket activation starts a stopped instance
+        (as it does for nginx's requests and for the fleet's own health checks)."""
+        for instance in self.app.instance_names:
+            if self.app.instance_socket(instance) == socket_path:
+                unit = self.app.instance_unit(instance)
+                if not self.state(unit).running:
+                    self.start_unit(unit, timeout=0)
+
     def running(self) -> list[str]:
         """The instances whose unit runs."""
         return sorted(self._instance(u) for u, m in self.mains.items() if self.table.alive(m))

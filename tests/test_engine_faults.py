@@ -434,8 +434,12 @@ class FleetHost:
     def fleet(self) -> Any:
         from reloader.fleet import Fleet
 
+        def health(app: AppConfig, socket_path: str = "", **kw: Any) -> tuple[int, str]:
+            self.sd.connect(socket_path)  # socket activation, as a real request would
+            return self.health(app, socket_path=socket_path, **kw)
+
         return Fleet(self.app, self.sd, self.n, processes=self.table,  # type: ignore[arg-type]
-                     health=lambda app, **kw: self.health(app, **kw), checker=self.preflight)
+                     health=health, checker=self.preflight)
 
     def deploy(self) -> BaseException | None:
         try:
