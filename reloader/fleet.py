@@ -338,7 +338,7 @@ class BlueGreen:
             time.sleep(0.2)
 
     def roll_back(self, old: str, new: str, why: Refused) -> None:
-        self.f.n.status(f"rolling back to {old}: {why}")
+        self.f.n.warn(f"rolling back to {old}: {why}")
         self.switch(new, old)
         self.retire(new)
 
@@ -452,7 +452,7 @@ def run(app: AppConfig, action: str) -> int:
     except (Refused, Failed, OSError) as e:
         what = {"deploy": "reload refused", "start": "start failed"}.get(action, f"{action} failed")
         why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
-        n.status(f"{what}: {why}")
+        n.warn(f"{what}: {why}")
         n.barrier()
         return 1
     n.status(f"{summary}; release {release_of(app)} took {time.monotonic() - started:.1f} s")

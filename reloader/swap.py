@@ -28,6 +28,7 @@ from pathlib import Path
 from . import proc, releases, setup_commands
 from .config import AppConfig
 from .engine import (
+    WARNING,
     Notifier,
     Preflight,
     Refused,
@@ -93,15 +94,14 @@ class Swap:
                     releases.clear_boot_request(self.app)
         except Refused as e:
             serving = self._serving()
-            self.n.status(f"reload refused: release {self.release()}: {e}"
+            self.n.warn(f"reload refused: release {self.release()}: {e}"
                           + (f"; still serving {serving}" if serving else ""))
             self.report_cost()
             if tried:
                 try:
                     releases.record_refused(self.app, self.release_dir, str(e))
                 except OSError as err:  # the refusal itself stands; only the listing misses it
-                    print(f"reloader: {self.app.name}: cannot record the refusal in {self.app.state_dir}: "
-                          f"{err.strerror}", file=sys.stderr)
+                    self.n.log(f"cannot record the refusal in {self.app.state_dir}: {err.strerror}", WARNING)
             self.n.send("READY=1")
             return 1
         generation = self._next_generation()
@@ -110,7 +110,7 @@ class Swap:
             releases.record_live(self.app, self.target)
         except OSError as e:
             # Serving but not recorded: the next restart would boot the old live release. Say so, fail.
-            self.n.status(f"serving release {self.release()} (master {master}), but it could not be recorded "
+            self.n.warn(f"serving release {self.release()} (master {master}), but it could not be recorded "
                           f"live in {self.app.state_dir} ({e.strerror}), so a restart would not boot it; "
                           f"run `reloader install` (it creates {self.app.state_dir} for the app user)")
             self.n.send("READY=1")
@@ -321,7 +321,7 @@ class Swap:
         missing = self.app.workers - self.old_workers
         if missing <= 0 or not proc.alive(self.old):
             return
-        self.n.status(f"rolling back: restoring master {self.old} to {self.app.workers} workers (TTIN x{missing})")
+        self.n.warn(f"rolling back: restoring master {self.old} to {self.app.workers} workers (TTIN x{missing})")
         for _ in range(missing):
             self.signal_master(self.old, signal.SIGTTIN)
             self.old_workers += 1
@@ -365,7 +365,7 @@ class Swap:
         if not self.new:
             return
         how = "TERM" if self.gate_open else "QUIT: its workers never took a request"
-        self.n.status(f"rolling back: stopping new master {self.new} ({how}), master {self.old} keeps serving")
+        self.n.warn(f"rolling back: stopping new master {self.new} ({how}), master {self.old} keeps serving")
         if self.main_pid_from_bus and self.main_pid_from_bus() == self.new:
             self.n.send(f"MAINPID={self.old}")
         proc.send(self.new, signal.SIGTERM if self.gate_open else signal.SIGQUIT)
@@ -407,8 +407,7 @@ class Swap:
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         mine = f"peak RSS {me.ru_maxrss / 1024:.1f} MB, CPU {me.ru_utime + me.ru_stime:.2f} s"
         theirs = f"peak RSS {kids.ru_maxrss / 1024:.1f} MB, CPU {kids.ru_utime + kids.ru_stime:.2f} s"
-        print(f"reloader: {self.app.name}: helper cost: {mine}; its children (pre-flight, setup): {theirs}",
-              file=sys.stderr, flush=True)
+        self.n.log(f"helper cost: {mine}; its children (pre-flight, setup): {theirs}")
         return f"helper {me.ru_maxrss / 1024:.0f} MB, {me.ru_utime + me.ru_stime:.2f} s CPU"
 
     def release(self) -> str:
@@ -463,15 +462,15 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
 
     all_ready = proc.wait_for(ready, app.ready_timeout, interval=0.1)
     if not proc.alive(main_pid):
-        n.status(f"master {main_pid} exited while its workers were booting; see journalctl -u {app.service}")
+        n.warn(f"master {main_pid} exited while its workers were booting; see journalctl -u {app.service}")
         return 1
     if not all_ready:
-        n.status(f"started, but the workers of master {main_pid} did not all load the app within "
+        n.warn(f"started, but the workers of master {main_pid} did not all load the app within "
                  f"ready_timeout ({app.ready_timeout} s); see journalctl -u {app.service}")
         return 1
     booted = releases.booted(app, main_pid)
     if not booted:
-        n.status(f"master {main_pid} did not record what it booted (an old gunicorn config? run `reloader install`)")
+        n.warn(f"master {main_pid} did not record what it booted (an old gunicorn config? run `reloader install`)")
         return 1
     records = releases.read(app)
     live = records.live
@@ -480,7 +479,7 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
         try:
             records = releases.record_live(app, live)
         except OSError as e:
-            n.status(f"serving release {live.name} (master {main_pid}), but it could not be recorded live in "
+            n.warn(f"serving release {live.name} (master {main_pid}), but it could not be recorded live in "
                      f"{app.state_dir} ({e.strerror}); run `reloader install`")
             return 1
     note = releases.pending(app, records)

@@ -166,7 +166,8 @@ def test_gunicorn_hooks_record_ready_workers(files, tmp_path):
     ns = gunicorn_namespace(files["flaskapp.gunicorn.conf.py"].content)
     assert ns["_READY_DIR"] == "/run/flaskapp/ready"
     ns["_READY_DIR"] = str(tmp_path)
-    server, worker = SimpleNamespace(pid=100, systemd=False), SimpleNamespace(pid=101, ppid=100)
+    server = SimpleNamespace(pid=100, systemd=False, cfg=SimpleNamespace(env_orig={}))
+    worker = SimpleNamespace(pid=101, ppid=100)
     ns["when_ready"](server)
     ns["post_worker_init"](worker)
     assert sorted(p.name for p in (tmp_path / "100").iterdir()) == ["master", "worker-101"]
@@ -176,6 +177,16 @@ def test_gunicorn_hooks_record_ready_workers(files, tmp_path):
     ns["pre_exec"](server)  # not socket-activated: nothing to move
     ns["on_exit"](server)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_master_gets_no_notify_socket(files):
+    """systemd refuses (and logs a warning about) a notification from a process that is neither the main
+    PID nor the helper: the USR2 master must not send gunicorn's READY=1 before the hand-over."""
+    ns = gunicorn_namespace(files["flaskapp.gunicorn.conf.py"].content)
+    env = {"NOTIFY_SOCKET": "/run/systemd/notify", "PATH": "/usr/bin", "INVOCATION_ID": "x"}
+    server = SimpleNamespace(pid=100, systemd=False, cfg=SimpleNamespace(env_orig=dict(env)))
+    ns["pre_exec"](server)
+    assert server.cfg.env_orig == {"PATH": "/usr/bin", "INVOCATION_ID": "x"}
 
 
 def test_nginx_site(files):
