@@ -245,7 +245,9 @@ class AppConfig:
     gunicorn_settings: tuple[tuple[str, Any], ...] = toml("gunicorn", (), key="settings")
     #: An existing gunicorn config file the generated one loads first (its hooks run before reloader's).
     gunicorn_config_file: str = toml("gunicorn", "", kind="path", key="config_file")
-    access_log: bool = toml("gunicorn", True, kind="boolean")
+    #: gunicorn's access log, to the journal at priority debug. Off: nginx logs every request already, and a
+    #: journal line per request costs throughput (docs/steady-state.md has the numbers).
+    access_log: bool = toml("gunicorn", False, kind="boolean")
 
     # [reload]
     strategy: Strategy = toml("reload", Strategy.GENERATION)

@@ -42,11 +42,35 @@ def reason(e: BaseException) -> str:
 def log_unexpected(name: str, e: BaseException) -> None:
     """The traceback of a failure that is not a refusal, to the journal (stderr)."""
     lines = traceback.format_exception(type(e), e, e.__traceback__)
-    print(f"reloader: {name}: " + "".join(lines).rstrip(), file=sys.stderr, flush=True)
+    prefix = f"<{WARNING}>" if stderr_is_journal() else ""
+    for line in "".join(lines).rstrip().splitlines():
+        print(f"{prefix}reloader: {name}: {line}", file=sys.stderr, flush=True)
+
+
+#: syslog priorities of the helper's journal lines (see :class:`Notifier`).
+WARNING, NOTICE = 4, 5
+
+
+def stderr_is_journal() -> bool:
+    """stderr is a journald stream (systemd sets JOURNAL_STREAM=DEV:INODE of it for the processes it
+    starts), so a ``<N>`` line prefix sets the line's priority instead of being printed."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 class Notifier:
-    """sd_notify + a journal line for every state change. A no-op outside systemd."""
+    """sd_notify + a journal line for every state change. A no-op outside systemd.
+
+    The lines carry a syslog priority (``<5>``, ``<4>``: journald's SyslogLevelPrefix=): journald
+    rate-limits a unit per priority class (journald-rate-limit.c: one budget for emerg..crit, one each
+    for err, warning, notice+info, debug), and everything else the unit prints (gunicorn's error log,
+    the app's own output) is info, the access log debug (see gunicorn.conf.py.j2). So a flood of those
+    never suppresses a refusal's cause (warning, a budget only reloader uses) and the helper's step
+    lines (notice) compete only with the app's own info output, never with the access log."""
 
     def __init__(self, name: str) -> None:
         import sdnotify
@@ -54,15 +78,25 @@ class Notifier:
         self._n = sdnotify.SystemdNotifier()
         self.name = name
         self._last_extend = 0.0
+        self._prefix = stderr_is_journal()
 
     def send(self, text: str) -> None:
         # sdnotify encodes as latin-1 and silently drops what does not fit (e.g. "→" or a non-ASCII
         # path): hand it UTF-8 bytes dressed as latin-1 text, which is what systemd expects on the wire.
         self._n.notify(text.encode("utf-8").decode("latin-1"))
 
-    def status(self, text: str) -> None:
-        print(f"reloader: {self.name}: {text}", file=sys.stderr, flush=True)
+    def log(self, text: str, priority: int = NOTICE) -> None:
+        """One journal line (and nothing in STATUS=)."""
+        prefix = f"<{priority}>" if self._prefix else ""
+        print(f"{prefix}reloader: {self.name}: {text}", file=sys.stderr, flush=True)
+
+    def status(self, text: str, priority: int = NOTICE) -> None:
+        self.log(text, priority)
         self.send(f"STATUS={text}")
+
+    def warn(self, text: str) -> None:
+        """A refusal, rollback or failure: STATUS= and a journal line at priority warning."""
+        self.status(text, WARNING)
 
     def barrier(self, timeout: float = 5.0) -> None:
         """Wait until systemd has processed what we sent (sd_notify_barrier): a notification from a

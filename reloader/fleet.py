@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from . import proc, releases
 from .bus import Systemd
 from .config import AppConfig
 from .engine import (
+    WARNING,
     Notifier,
     Preflight,
     Refused,
@@ -371,7 +371,7 @@ class BlueGreen:
 
     def roll_back(self, old: str, new: str, why: Exception) -> None:
         """Switch back first (a rename, it needs nothing else to work), then stop the new colour."""
-        self.f.n.status(f"rolling back to {old}: {reason(why)}")
+        self.f.n.warn(f"rolling back to {old}: {reason(why)}")
         self.switch(new, old)
         undo(self.f, f"retiring {new}", lambda: self.retire(new))
 
@@ -454,7 +454,7 @@ def undo(fleet: Fleet, what: str, step: Callable[[], None]) -> None:
     try:
         step()
     except Exception as e:
-        print(f"reloader: {fleet.app.name}: rolling back: {what} failed: {reason(e)}", file=sys.stderr, flush=True)
+        fleet.n.log(f"rolling back: {what} failed: {reason(e)}", WARNING)
 
 
 def _legacy_upstream(app: AppConfig) -> list[str]:
@@ -508,7 +508,7 @@ def run(app: AppConfig, action: str) -> int:
         else:
             log_unexpected(app.name, e)
             why = reason(e)
-        n.status(f"{what}: {why}")
+        n.warn(f"{what}: {why}")
         n.barrier()
         return 1
     n.status(f"{summary}; release {release_of(app)} took {time.monotonic() - started:.1f} s")

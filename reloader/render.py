@@ -87,6 +87,10 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+#: gunicorn's own default access_log_format (27.0), for a config that enables the access log without one.
+GUNICORN_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+
+
 def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]:
     """All files of *app*, in install order (config before the units that read it).
 
@@ -100,7 +104,8 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
         return text if template.endswith(".py.j2") else re.sub(r"\n{3,}", "\n\n", text)
 
     files = [RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path,
-                          get("gunicorn.conf.py.j2", owned_settings=OWNED_SETTINGS, chained_hooks=CHAINED_HOOKS))]
+                          get("gunicorn.conf.py.j2", owned_settings=OWNED_SETTINGS, chained_hooks=CHAINED_HOOKS,
+                              default_access_log_format=GUNICORN_ACCESS_LOG_FORMAT))]
     if app.multi_instance:
         files += [
             RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}", get("controller.j2")),

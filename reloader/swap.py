@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from pathlib import Path
 from . import proc, releases, setup_commands
 from .config import AppConfig
 from .engine import (
+    WARNING,
     Notifier,
     Preflight,
     Refused,
@@ -110,15 +110,14 @@ class Swap:
             if self.taken_over and self.proc.alive(self.new):
                 return self._serving_but(e)
             serving = self._serving()
-            self.n.status(f"reload refused: release {self.release()}: {reason(e)}"
+            self.n.warn(f"reload refused: release {self.release()}: {reason(e)}"
                           + (f"; still serving {serving}" if serving else ""))
             self.report_cost()
             if tried:
                 try:
                     releases.record_refused(self.app, self.release_dir, reason(e))
                 except OSError as err:  # the refusal itself stands; only the listing misses it
-                    print(f"reloader: {self.app.name}: cannot record the refusal in {self.app.state_dir}: "
-                          f"{err.strerror}", file=sys.stderr)
+                    self.n.log(f"cannot record the refusal in {self.app.state_dir}: {err.strerror}", WARNING)
             self.n.send("READY=1")
             return 1
         generation = self._next_generation()
@@ -127,7 +126,7 @@ class Swap:
             releases.record_live(self.app, self.target)
         except OSError as e:
             # Serving but not recorded: the next restart would boot the old live release. Say so, fail.
-            self.n.status(f"serving release {self.release()} (master {master}), but it could not be recorded "
+            self.n.warn(f"serving release {self.release()} (master {master}), but it could not be recorded "
                           f"live in {self.app.state_dir} ({e.strerror}), so a restart would not boot it; "
                           f"run `reloader install` (it creates {self.app.state_dir} for the app user)")
             self.n.send("READY=1")
@@ -334,8 +333,8 @@ class Swap:
             self.wait_ready(self.new, new, no_exits=True)
             if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) <= self.old_workers,
                                       self.app.graceful_timeout + 10, tick=self.n.extend):
-                print(f"reloader: {self.app.name}: old workers of master {self.old} still finishing requests "
-                      "after graceful_timeout; going on", file=sys.stderr, flush=True)
+                self.n.log(f"old workers of master {self.old} still finishing requests after graceful_timeout; "
+                           "going on", WARNING)
 
     def restore_old_generation(self) -> None:
         """A lockstep swap failed: give the old master its full worker count back before the new one
@@ -343,14 +342,14 @@ class Swap:
         missing = self.app.workers - self.old_workers
         if missing <= 0 or not self.proc.alive(self.old):
             return
-        self.n.status(f"rolling back: restoring master {self.old} to {self.app.workers} workers (TTIN x{missing})")
+        self.n.warn(f"rolling back: restoring master {self.old} to {self.app.workers} workers (TTIN x{missing})")
         for _ in range(missing):
             self.signal_master(self.old, signal.SIGTTIN)
             self.old_workers += 1
         if not self.proc.wait_for(lambda: len(self._ready_workers(self.old)) >= self.app.workers,
                                   self.app.ready_timeout, tick=self.n.extend):
-            print(f"reloader: {self.app.name}: master {self.old} has only {len(self._ready_workers(self.old))} "
-                  f"of {self.app.workers} workers ready after ready_timeout", file=sys.stderr, flush=True)
+            self.n.log(f"master {self.old} has only {len(self._ready_workers(self.old))} of {self.app.workers} "
+                       "workers ready after ready_timeout", WARNING)
 
     def bake(self, master: int, expected_exits: set[int] = frozenset()) -> None:
         """Keep watching the new workers (and the app's health) before the old generation goes.
@@ -388,7 +387,7 @@ class Swap:
         if not self.new:
             return
         how = "TERM" if self.gate_open else "QUIT: its workers never took a request"
-        self.n.status(f"rolling back: stopping new master {self.new} ({how}), master {self.old} keeps serving")
+        self.n.warn(f"rolling back: stopping new master {self.new} ({how}), master {self.old} keeps serving")
         if self.handed_over:  # systemd may have taken it (asking it over D-Bus may be what failed)
             self.n.send(f"MAINPID={self.old}")
             self.handed_over = False
@@ -420,8 +419,7 @@ class Swap:
             try:
                 step()
             except Exception as e:
-                print(f"reloader: {self.app.name}: rolling back: {step.__name__} failed: {reason(e)}",
-                      file=sys.stderr, flush=True)
+                self.n.log(f"rolling back: {step.__name__} failed: {reason(e)}", WARNING)
 
     def retire_again(self) -> None:
         if self.proc.alive(self.old):
@@ -435,9 +433,9 @@ class Swap:
         try:
             releases.record_live(self.app, self.target)
         except OSError as e:
-            print(f"reloader: {self.app.name}: cannot record release {self.release()} live in "
-                  f"{self.app.state_dir}: {e.strerror}", file=sys.stderr)
-        self.n.status(f"serving release {self.release()} (master {self.new}), but: {reason(failure)}")
+            self.n.log(f"cannot record release {self.release()} live in {self.app.state_dir}: {e.strerror}",
+                       WARNING)
+        self.n.warn(f"serving release {self.release()} (master {self.new}), but: {reason(failure)}")
         self.report_cost()
         self.n.send("READY=1")
         return 1
@@ -460,8 +458,7 @@ class Swap:
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         mine = f"peak RSS {me.ru_maxrss / 1024:.1f} MB, CPU {me.ru_utime + me.ru_stime:.2f} s"
         theirs = f"peak RSS {kids.ru_maxrss / 1024:.1f} MB, CPU {kids.ru_utime + kids.ru_stime:.2f} s"
-        print(f"reloader: {self.app.name}: helper cost: {mine}; its children (pre-flight, setup): {theirs}",
-              file=sys.stderr, flush=True)
+        self.n.log(f"helper cost: {mine}; its children (pre-flight, setup): {theirs}")
         return f"helper {me.ru_maxrss / 1024:.0f} MB, {me.ru_utime + me.ru_stime:.2f} s CPU"
 
     def release(self) -> str:
@@ -525,15 +522,15 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
 
     all_ready = proc.wait_for(ready, app.ready_timeout, interval=0.1)
     if not proc.alive(main_pid):
-        n.status(f"master {main_pid} exited while its workers were booting; see journalctl -u {app.service}")
+        n.warn(f"master {main_pid} exited while its workers were booting; see journalctl -u {app.service}")
         return 1
     if not all_ready:
-        n.status(f"started, but the workers of master {main_pid} did not all load the app within "
+        n.warn(f"started, but the workers of master {main_pid} did not all load the app within "
                  f"ready_timeout ({app.ready_timeout} s); see journalctl -u {app.service}")
         return 1
     booted = releases.booted(app, main_pid)
     if not booted:
-        n.status(f"master {main_pid} did not record what it booted (an old gunicorn config? run `reloader install`)")
+        n.warn(f"master {main_pid} did not record what it booted (an old gunicorn config? run `reloader install`)")
         return 1
     records = releases.read(app)
     live = records.live
@@ -542,7 +539,7 @@ def report_start(app: AppConfig, main_pid: int, n: Notifier) -> int:
         try:
             records = releases.record_live(app, live)
         except OSError as e:
-            n.status(f"serving release {live.name} (master {main_pid}), but it could not be recorded live in "
+            n.warn(f"serving release {live.name} (master {main_pid}), but it could not be recorded live in "
                      f"{app.state_dir} ({e.strerror}); run `reloader install`")
             return 1
     note = releases.pending(app, records)

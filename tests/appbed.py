@@ -251,7 +251,9 @@ class App:
         return self.systemctl("reload", f"{self.name}.service", timeout=timeout)
 
     def journal(self, lines: int = 60) -> str:
-        return self.c.run(f"journalctl -u {self.name} --no-pager -n {lines}", check=False).stdout
+        """The unit's last *lines* journal lines for a failure message: systemd's, the helper's (notice,
+        warning) and gunicorn's (info), never the access log (priority debug, see gunicorn.conf.py.j2)."""
+        return self.c.run(f"journalctl -u {self.name} -p info --no-pager -n {lines}", check=False).stdout
 
     def journal_without_access_log(self, lines: int = 60) -> str:
         """The unit's last *lines* journal lines that are not access-log lines (gunicorn's, one per request):

@@ -373,6 +373,7 @@ class FakeNotifier:
 
     def __init__(self, main_pid: int) -> None:
         self.sent: list[str] = []
+        self.logged: list[tuple[int, str]] = []  #: journal lines with their syslog priority
         self.main_pid = main_pid
 
     def send(self, text: str) -> None:
@@ -381,8 +382,15 @@ class FakeNotifier:
             if line.startswith("MAINPID="):
                 self.main_pid = int(line.split("=", 1)[1])
 
-    def status(self, text: str) -> None:
+    def log(self, text: str, priority: int = 5) -> None:
+        self.logged.append((priority, text))
+
+    def status(self, text: str, priority: int = 5) -> None:
+        self.log(text, priority)
         self.send(f"STATUS={text}")
+
+    def warn(self, text: str) -> None:
+        self.status(text, 4)
 
     def barrier(self, timeout: float = 5.0) -> None:
         pass

@@ -18,7 +18,7 @@ from fakes import confined_to, in_tmp
 
 from reloader import config, install, setup_commands
 from reloader.config import ConfigError, parse
-from reloader.render import render
+from reloader.render import GUNICORN_ACCESS_LOG_FORMAT, render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "flaskapp.toml"
@@ -54,7 +54,7 @@ def rendered(app: config.AppConfig) -> dict[str, str]:
 def test_defaults_keep_the_example_as_it_was() -> None:
     app = load()
     assert (app.read_write_paths, app.state_directory, app.cache_directory, app.logs_directory) == ((), "", "", "")
-    assert app.health_status == (200, 399) and app.access_log is True
+    assert app.health_status == (200, 399) and app.access_log is False  # nginx logs every request
     assert app.setup == config.SetupConfig() and app.gunicorn_settings == () and app.gunicorn_config_file == ""
     assert app.health_host == "flaskapp.example" and not app.asgi
     files = rendered(app)
@@ -63,7 +63,7 @@ def test_defaults_keep_the_example_as_it_was() -> None:
     # The only state directory is reloader's own records of the releases.
     writable = [line for line in service.splitlines() if line.startswith(("ReadWritePaths=", "StateDirectory="))]
     assert writable == ["ReadWritePaths=/var/lib/reloader/flaskapp"], writable
-    assert "accesslog = '-'" in files["flaskapp.gunicorn.conf.py"]
+    assert "accesslog = None" in files["flaskapp.gunicorn.conf.py"]
 
 
 @pytest.mark.parametrize("names,host", [(["_"], "localhost"), (["_", "*.shop.example", "shop.example"],
@@ -217,6 +217,17 @@ def test_gunicorn_settings_pass_through_with_repr(tmp_path) -> None:
     for name, value in settings.items():
         assert ns[name] == value, name
     assert ns["accesslog"] is None and ns["errorlog"] == "-"
+
+
+def test_access_log_is_off_by_default_and_at_debug_priority_when_on(tmp_path) -> None:
+    """Off: no journal line per request. On: to the journal at priority debug ("<7>"), journald's own
+    rate-limit budget, whatever format the app sets."""
+    assert namespace(load(), tmp_path)["accesslog"] is None
+    on = namespace(load(gunicorn={"access_log": True}), tmp_path)
+    assert on["accesslog"] == "-" and on["access_log_format"] == "<7>" + GUNICORN_ACCESS_LOG_FORMAT
+    own = namespace(load(gunicorn={"access_log": True, "settings": {"access_log_format": '%(h)s "%(r)s"'}}),
+                    tmp_path)
+    assert own["access_log_format"] == '<7>%(h)s "%(r)s"'
 
 
 @pytest.mark.parametrize("name,fragment", [

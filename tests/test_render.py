@@ -181,7 +181,8 @@ def test_gunicorn_hooks_record_ready_workers(app, tmp_path):
     ns = gunicorn_namespace(app, tmp_path)
     ready = tmp_path / "run" / "ready"
     assert ns["_READY_DIR"] == str(ready)
-    server, worker = SimpleNamespace(pid=100, systemd=False), SimpleNamespace(pid=101, ppid=100)
+    server = SimpleNamespace(pid=100, systemd=False, cfg=SimpleNamespace(env_orig={}))
+    worker = SimpleNamespace(pid=101, ppid=100)
     with confined_to(tmp_path):
         ns["when_ready"](server)
         ns["post_worker_init"](worker)
@@ -192,6 +193,16 @@ def test_gunicorn_hooks_record_ready_workers(app, tmp_path):
         ns["pre_exec"](server)  # not socket-activated: nothing to move
         ns["on_exit"](server)
     assert [p.name for p in ready.iterdir()] == [str(os.getpid())]  # only the boot record of this process
+
+
+def test_a_new_master_gets_no_notify_socket(app, tmp_path):
+    """systemd refuses (and logs a warning about) a notification from a process that is neither the main
+    PID nor the helper: the USR2 master must not send gunicorn's READY=1 before the hand-over."""
+    ns = gunicorn_namespace(app, tmp_path)
+    env = {"NOTIFY_SOCKET": "/run/systemd/notify", "PATH": "/usr/bin", "INVOCATION_ID": "x"}
+    server = SimpleNamespace(pid=100, systemd=False, cfg=SimpleNamespace(env_orig=dict(env)))
+    ns["pre_exec"](server)
+    assert server.cfg.env_orig == {"PATH": "/usr/bin", "INVOCATION_ID": "x"}
 
 
 def test_nginx_site(files):

@@ -19,8 +19,9 @@ preload_app = False
 pidfile = '/run/flaskapp/gunicorn.pid'
 # Control via signals and systemd only; the default control socket would go to $HOME.
 control_socket_disable = True
-# The access log goes to stdout, the error log to stderr: both end up in the journal.
-accesslog = '-'
+# The error log goes to stderr, the journal. The access log is off by default (access_log = false): nginx
+# logs every request already, and one journal line per request costs throughput (docs/steady-state.md).
+accesslog = None
 errorlog = "-"
 
 # Instances (NAME@INSTANCE.service) each have their own runtime directory.
@@ -53,6 +54,10 @@ def pre_exec(server):
     copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
     _user_hook("pre_exec", server)
     python = _PYTHON
+    # systemd accepts notifications from the main PID and the helper only: the new master's "READY=1" at
+    # boot would be refused with a warning in the journal on every reload. The helper sends READY=1 once
+    # it has handed MAINPID over; the new master has nothing to say to systemd after that.
+    server.cfg.env_orig = {k: v for k, v in server.cfg.env_orig.items() if k != "NOTIFY_SOCKET"}
     if os.path.exists(python):
         server.START_CTX[0] = python
         server.START_CTX["args"][0] = python
