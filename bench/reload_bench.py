@@ -29,6 +29,13 @@ Other methods in the main table:
 
 Sweeps, for each mode: the app's import time (0.1 / 2 / 10 s, at 4 workers) and the worker count (4 / 8 / 16).
 
+Part ``first`` (``--parts first``): the time to the new version's first answer, reloader's gated generation
+against the seed's own setup in the same container: nginx -> a plain gunicorn (not reloader's units or
+config: ``gunicorn --workers 4 app:app`` in a transient unit), its app.py updated in place, ``kill -HUP``.
+Both run the same app with a 2 s import (``--first-import``), alternately, ``--first-rounds`` times each;
+four pollers ask / through nginx from the command's start until an answer names the new version. Prints
+the medians and their ratio (the issue's goal: at most 1.10).
+
 The load generator (reloader/loadgen.py) runs inside the container against nginx; every reload command
 runs inside too, wrapped so its start and end are taken on the same monotonic clock as the requests.
 A sampler inside the container sums VmRSS of every process in the app's units' cgroups (flaskapp.service,
@@ -588,6 +595,150 @@ def single_unit_methods(args: argparse.Namespace, reloads: int, sweep_reloads: i
     return [methods[k] for k in order if k in methods], workers_rows, import_rows
 
 
+# --- part "first": time to the first answer of the new version, gated against the seed's bare HUP ---------
+PLAIN_DIR = "/srv/plain"
+PLAIN_SOCK = "/run/plain.sock"
+PLAIN_PID = "/run/plain.pid"
+PLAIN_PORT = 8081
+PLAIN_SITE = f"""# The seed's setup: nginx -> a plain gunicorn (bench, part "first").
+server {{
+    listen {PLAIN_PORT};
+    location / {{
+        proxy_pass http://unix:{PLAIN_SOCK};
+        proxy_set_header Host $host;
+    }}
+}}
+"""
+#: Runs the command and, meanwhile, 4 pollers GET / (a new connection each) through nginx until one answer
+#: carries the wanted X-App-Version; prints the command's and that answer's time from the command's start.
+FIRST = "/root/first_answer.py"
+FIRST_SRC = """import http.client, json, subprocess, sys, threading, time
+port, host, want, cmd = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+first, stop = [], threading.Event()
+def poll():
+    while not stop.is_set():
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            c.request("GET", "/", headers={"Host": host})
+            r = c.getresponse()
+            r.read()
+            c.close()
+            if r.getheader("X-App-Version") == want:
+                first.append(time.monotonic())
+                stop.set()
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.005)
+pollers = [threading.Thread(target=poll) for _ in range(4)]
+t0 = time.monotonic()
+for t in pollers:
+    t.start()
+r = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+t1 = time.monotonic()
+stop.wait(120)
+stop.set()
+for t in pollers:
+    t.join()
+print(json.dumps({"t0": t0, "command_s": t1 - t0, "first_s": min(first) - t0 if first else None, "rc": r.returncode,
+                  "err": (r.stdout + r.stderr)[-400:]}))
+"""
+
+
+def first_answer(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
+    """Reloader's gated generation against the seed's bare `kill -HUP` of a plain gunicorn, both serving
+    the example app with a *--first-import* s import, alternately in one container."""
+    delay, rounds = args.first_import, args.first_rounds
+    extra = f"\nimport time\ntime.sleep({delay:g})\n"
+    with testbed.boot("bookworm") as c:
+        app = appbed.App(c)
+        log(f"container {c.name} booted; part first: gated vs the seed's bare HUP, {delay:g} s import")
+        app.install()
+        if not app.wait_version("v1"):
+            raise SystemExit("example app did not come up:\n" + app.journal(40))
+        c.write_file(FIRST, FIRST_SRC)
+        source = c.read_file(appbed.APP_SRC)
+        c.run(["mkdir", "-p", PLAIN_DIR])
+        c.write_file(f"{PLAIN_DIR}/app.py", source.replace('VERSION = "v1"', 'VERSION = "p1"'))
+        c.run(["systemd-run", "--unit", "plain-gunicorn", "--property", "KillMode=mixed",
+               "/opt/venv/bin/gunicorn", "--workers", "4", "--bind", f"unix:{PLAIN_SOCK}", "--chdir", PLAIN_DIR,
+               "--pid", PLAIN_PID, "app:app"])
+        c.write_file("/etc/nginx/conf.d/plain.conf", PLAIN_SITE)
+        c.run("nginx -t && systemctl reload nginx")
+        hup = f"kill -HUP $(cat {PLAIN_PID})"
+        rows: dict[str, list[dict[str, Any]]] = {"seed": [], "gated": []}
+        for n in range(2, rounds + 2):
+            c.write_file(f"{PLAIN_DIR}/app.py.new", source.replace('VERSION = "v1"', f'VERSION = "p{n}"') + extra)
+            c.run(["mv", f"{PLAIN_DIR}/app.py.new", f"{PLAIN_DIR}/app.py"])  # updated in place, atomically
+            rows["seed"].append(_first(c, PLAIN_PORT, "localhost", f"p{n}", hup))
+            app.ship(f"v{n}", extra=extra)
+            rows["gated"].append(_first(c, 80, HOST, f"v{n}", RELOAD))
+            rows["gated"][-1]["steps"] = _gated_steps(c, rows["gated"][-1]["t0"])
+            log(f"  round {n - 1}: seed HUP {rows['seed'][-1]['first_s']} s, gated {rows['gated'][-1]['first_s']} s "
+                f"(command {rows['gated'][-1]['command_s']:.2f} s)")
+            time.sleep(1)  # the retired generation's exit, outside the next round
+        c.run("systemctl stop plain-gunicorn", check=False)
+    seed = med([r["first_s"] for r in rows["seed"]])
+    gated = med([r["first_s"] for r in rows["gated"]])
+    names = [name for name, _ in GATED_STEPS] + ["last worker booting"]
+    steps = {name: _r(med([r["steps"].get(name) for r in rows["gated"]])) for name in names}
+    result = {"import_s": delay, "rounds": rounds, "seed_hup_first_s": _r(seed), "gated_first_s": _r(gated),
+              "gated_steps_s": steps,
+              "ratio": round(gated / seed, 3) if seed and gated else None, "per_round": rows}
+    env["first_answer"] = {k: v for k, v in result.items() if k != "per_round"}
+    return result
+
+
+def _first(c: testbed.Container, port: int, host: str, version: str, command: str) -> dict[str, Any]:
+    r = c.run(["python3", FIRST, str(port), host, version, command], timeout=300)
+    out = json.loads(r.stdout)
+    out["first_s"] = _r(out["first_s"])
+    return out
+
+
+#: Journal lines of a gated reload that mark where its time to the first answer goes.
+GATED_STEPS = (("helper started", "reloader: flaskapp: "), ("USR2 sent", "starting a new generation"),
+               ("new master up", "Starting gunicorn"), ("first worker booting", "Booting worker"),
+               ("gate open", "gate open:"))
+
+
+def _gated_steps(c: testbed.Container, since: float) -> dict[str, float]:
+    """Seconds from the reload command's start to the first journal line of each of GATED_STEPS after it;
+    "last worker booting": the last "Booting worker" before the gate opened."""
+    r = c.run("journalctl -u flaskapp -o short-monotonic --no-pager -n 3000", check=False)
+    steps: dict[str, float] = {}
+    booting = []
+    for line in r.stdout.splitlines():
+        try:
+            t = float(line[1:line.index("]")]) - since
+        except ValueError:
+            continue
+        if t < 0:
+            continue
+        for name, text in GATED_STEPS:
+            if text in line and name not in steps:
+                steps[name] = round(t, 3)
+        if "Booting worker" in line and "gate open" not in steps:
+            booting.append(t)
+    if booting:
+        steps["last worker booting"] = round(max(booting), 3)
+    return steps
+
+
+def first_table(result: dict[str, Any]) -> str:
+    return "\n".join([
+        f"| Time to the new version's first answer ({result['import_s']:g} s import, median of "
+        f"{result['rounds']}) | s |",
+        "|---|---|",
+        f"| seed: `kill -HUP` of a plain gunicorn, code updated in place "
+        f"| {_f(result['seed_hup_first_s'], '{:.2f}')} |",
+        f"| reloader: gated generation (`systemctl reload`) | {_f(result['gated_first_s'], '{:.2f}')} |",
+        f"| ratio (goal: at most 1.10) | {_f(result['ratio'], '{:.2f}')} |",
+        "",
+        "Where the gated reload's time to the first answer goes (median s after `systemctl reload` started): "
+        + ", ".join(f"{name} {_f(t, '{:.2f}')}" for name, t in sorted(
+            result["gated_steps_s"].items(), key=lambda kv: kv[1] if kv[1] is not None else 1e9)),
+    ])
+
+
 def seed_methods(reloads: int, env: dict[str, Any]) -> list[dict[str, Any]]:
     """A fresh container: the seed's method on the master systemd started (no reloader swap ever ran),
     then reloader's default strategy on the master those HUPs left behind."""
@@ -661,10 +812,13 @@ def main() -> int:
                                                        "0.1,2,10; quick 0.1,2)")
     p.add_argument("--out", default=str(HERE), help="directory for results.{md,json} and the plot")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--first-import", type=float, default=2.0, help="part first: the app's import time (s)")
+    p.add_argument("--first-rounds", type=int, default=5, help="part first: deploys of each method")
     p.add_argument("--parts", default="single,sweeps,seed,fleet",
                    help="comma-separated subset of single (the single-master modes and methods), sweeps (each "
                         "mode by worker count and import time), seed (the seed's method on a fresh master), "
-                        "fleet (blue-green, rolling); default all")
+                        "fleet (blue-green, rolling), first (time to the first answer: gated against the "
+                        "seed's bare HUP of a plain gunicorn); default all but first")
     p.add_argument("--modes", default=",".join(m.key for m in MODES),
                    help="comma-separated subset of the modes " + ", ".join(m.key for m in MODES) + " (default all)")
     args = p.parse_args()
@@ -691,6 +845,17 @@ def main() -> int:
                            "rss": "sum of VmRSS of every process in the app's units' cgroups, sampled every "
                                   "50 ms inside the container",
                            "quick": args.quick, "parts": sorted(args.parts)}
+    if "first" in args.parts:
+        first = first_answer(args, env)
+        text = (f"Measured {started_wall}, commit {env['commit']}, on the test bed (a Debian 12 container, "
+                f"host load average {' '.join(load_before)} before):\n\n{first_table(first)}\n")
+        (out / "first_answer.json").write_text(json.dumps({"environment": env, **first}, indent=2) + "\n")
+        (out / "first_answer.md").write_text(text)
+        print(text)
+        log(f"wrote {out / 'first_answer.md'}, {out / 'first_answer.json'}")
+        args.parts.discard("first")
+        if not args.parts:
+            return 0
     methods: list[dict[str, Any]] = []
     workers_rows: list[dict[str, Any]] = []
     import_rows: list[dict[str, Any]] = []

@@ -6,16 +6,14 @@ Exit codes: 0 ok, 1 the operation failed, 2 usage or config error.
 from __future__ import annotations
 
 import argparse
-import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from . import __version__, nginx
+# Only what every command needs is imported here: `systemctl reload` starts this CLI as its ExecReload=
+# helper, and the new version's first answer waits for its start-up.
+from . import __version__
 from .config import AppConfig, ConfigError, load
 from .errors import Failed, UsageError
-from .run import run
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -37,7 +35,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from . import nginx
     from .render import render, write_tree
+    from .run import run
 
     app = load(args.config)
     files = render(app)
@@ -79,6 +82,7 @@ def _check_virtualenv(app: AppConfig) -> list[str]:
     import json
 
     from .config import OWNED_SETTINGS
+    from .run import run
 
     if not Path(app.python).exists():
         key = "[app] virtualenv" if app.virtualenv else "[app] gunicorn"
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
+        import logging
+
         logging.basicConfig(level=logging.DEBUG, format="reloader: %(message)s")
     try:
         return args.func(args)

@@ -440,6 +440,16 @@ class AppConfig:
             return 0
         return int(max(seconds * 1000 / 2, seconds * 1000 - 1000))
 
+    @property
+    def upstream_tries(self) -> int:
+        """How often nginx may send one idempotent request whose upstream connection failed or was closed
+        before a response header: once per worker that serves it, plus one. nginx sends a request at most
+        once per ``server`` entry of the upstream (a cached keep-alive connection that turns out closed
+        uses up an entry too), so the socket is listed this many times. A request loses its connection
+        only when the worker holding it dies, so a whole generation of workers crashing one after
+        another (a release that dies after boot) cannot exhaust the entries. See docs/worker-death.md."""
+        return self.workers * max(1, len(self.route_slots)) + 1
+
     def health_ok(self, status: int) -> bool:
         low, high = self.health_status
         return low <= status <= high

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from . import proc
 from .config import AppConfig
-from .probe import UnixHTTPConnection, get_status
 from .proc import ProcessTable
 
 #: How much more time to ask systemd for whenever we are still making progress.
@@ -298,6 +297,8 @@ def try_lock(f: object) -> bool:
 
 def health(app: AppConfig, timeout: float = 5.0, socket_path: str = "") -> tuple[int, str]:
     """GET the health path through the app's socket: (HTTP status, "") or (0, why there was no answer)."""
+    from .probe import UnixHTTPConnection, get_status  # http.client: not on the way to the USR2
+
     return get_status(UnixHTTPConnection(socket_path or app.socket, timeout), app.health_path,
                       {"Host": app.health_host, "User-Agent": "reloader-bake", "X-Forwarded-Proto": "http",
                        "X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"})

@@ -294,7 +294,8 @@ class Swap:
             self.ready_at = self.ready_at or time.monotonic()
             return check is None or check.done()
 
-        if not self.proc.wait_for(ready, self.app.ready_timeout, tick=self.n.extend):
+        # Polled every 10 ms: the gate opens (the first answer of the new version) right after this.
+        if not self.proc.wait_for(ready, self.app.ready_timeout, interval=0.01, tick=self.n.extend):
             got = len(self._ready_workers(master) - exclude)
             if got >= want and check:
                 check.result()  # the workers are ready; the pre-flight is still running: wait for it

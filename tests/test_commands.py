@@ -202,7 +202,9 @@ def test_install_changed_config_dry_run_then_apply_without_downtime(app: appbed.
     r = reloader(c, "install", "--dry-run", "/root/flaskapp.toml")
     assert r.returncode == 0, out(r)
     assert "-workers = 4" in r.stdout and "+workers = 3" in r.stdout, out(r)
-    assert "flaskapp: 2 file(s) would change" in r.stdout, out(r)
+    # The toml, the gunicorn config and the nginx site (it lists the socket once per worker + 1).
+    assert "flaskapp: 3 file(s) would change" in r.stdout, out(r)
+    assert "-    server unix:/run/flaskapp.sock max_fails=0;" in r.stdout, out(r)
     assert fingerprint(c, paths) == before, "--dry-run changed files"
     assert main_pid(app) == pid and len(children(c, pid)) == 4
 

@@ -224,6 +224,27 @@ def test_nginx_site(files):
     assert site.count("{") == site.count("}")
 
 
+@pytest.mark.parametrize(("sections", "tries"), [
+    ({}, 5),  # the example: 4 workers
+    ({"gunicorn": {"workers": 9}}, 10),
+    ({"reload": {"strategy": "rolling", "instances": 3}, "gunicorn": {"workers": 2}}, 7),
+    ({"reload": {"strategy": "blue-green"}, "gunicorn": {"workers": 2}}, 3),
+])
+def test_nginx_resends_an_idempotent_request_once_per_worker_that_can_die_under_it(sections, tries):
+    """nginx sends a request at most once per upstream entry: the socket (or the routes) is listed once
+    per serving worker + 1, tries are bounded by that, never on a timeout, never past gunicorn's timeout,
+    and POST/PATCH stay non-idempotent (nginx's default: no `non_idempotent`). docs/worker-death.md."""
+    app = variant(**sections)
+    files = {f.name: f.content for f in render(app)}
+    site = files["flaskapp.nginx.conf"]
+    servers = site if not app.multi_instance else files["flaskapp.upstream.conf"]
+    assert len(re.findall(r"^\s*server unix:\S+ max_fails=0( backup)?;$", servers, re.M)) == tries, servers
+    assert re.search(r"^\s*proxy_next_upstream error;$", site, re.M), site
+    assert f"proxy_next_upstream_tries {tries};" in site
+    assert "proxy_next_upstream_timeout 30s;" in site
+    assert "non_idempotent" not in site
+
+
 def test_nginx_dropin_reloads_through_the_helper(files):
     dropin = files["nginx.service.d/reloader.conf"].content
     reset, command = values(dropin, "Service", "ExecReload")

@@ -180,6 +180,14 @@ def when_ready(server):
     """The master is listening: record it so the helper can tell a live master from a booting one."""
     _user_hook("when_ready", server)
     _mark(server.pid, "master", str(server.pid))
+    if _GATED:
+        # gunicorn starts its workers up to 0.1 s apart (Arbiter.spawn_workers); behind a shut gate the
+        # first answer waits for the last of them, so start them all at once, as a HUP does.
+        def spawn_workers():
+            for _ in range(server.num_workers - len(server.WORKERS)):
+                server.spawn_worker()
+
+        server.spawn_workers = spawn_workers
     # A master re-exec'd by USR2 runs as "python3"; keep the name `ps -C gunicorn` and operators expect.
     try:
         import ctypes
@@ -218,7 +226,7 @@ def _wait_at_the_gate(worker):
             if stop or not worker.alive or os.getppid() != worker.ppid:
                 sys.exit(0)
             worker.notify()
-            time.sleep(0.02)
+            time.sleep(0.005)  # the first answer waits for this poll; a stat() every 5 ms costs nothing
     finally:
         for s, handler in saved.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
