@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc, releases, setup_commands
+from . import proc, releases, setup_commands, traffic
 from .config import AppConfig
 from .engine import (
     Notifier,
@@ -65,6 +65,8 @@ class Swap:
         #: master's chdir and what gets recorded live, whatever ``current`` points at meanwhile.
         self.target = releases.Release(releases.resolve_current(app), releases.resolve_virtualenv(app))
         self.release_dir = self.target.release
+        #: The bake's traffic analysis ([analysis]), once the canary's gate opened.
+        self.analysis: traffic.Analysis | None = None
 
     # --- the protocol -------------------------------------------------------------------------------
     def run(self, *, notify_reload: bool = False) -> int:
@@ -93,7 +95,8 @@ class Swap:
                     releases.clear_boot_request(self.app)
         except Refused as e:
             serving = self._serving()
-            self.n.status(f"reload refused: release {self.release()}: {e}"
+            reason = str(e) if isinstance(e, traffic.Regression) else f"release {self.release()}: {e}"
+            self.n.status(f"reload refused: {reason}"
                           + (f"; still serving {serving}" if serving else ""))
             self.report_cost()
             if tried:
@@ -117,8 +120,9 @@ class Swap:
             return 1
         workers = len(self._ready_workers(master))  # seen ready now, not the configured count
         cost = self.report_cost()
+        verdict = f"; traffic {self.analysis.outcome}" if self.analysis and self.analysis.outcome else ""
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
-                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost})")
+                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost}){verdict}")
         self.n.send("READY=1")
         self.n.barrier()
         return 0
@@ -132,10 +136,14 @@ class Swap:
         try:
             self.spawn_new_generation(gated=True, workers=surge)
             self.wait_ready(self.new, surge or self.app.workers, check)
+            if self.app.request_stats:
+                self.open_canary(surge or self.app.workers, check)
+                self.bake(self.new)  # judged with the canary; the others are still at the gate
             self.open_gate(self.new, check)
             if surge:
                 self.trade_workers(surge)
-            self.bake(self.new)
+            if not self.app.request_stats:
+                self.bake(self.new)
             self.hand_over()
         except Refused as e:
             self.restore_old_generation()  # a no-op unless a lockstep swap retired old workers
@@ -295,6 +303,23 @@ class Swap:
                       f"{check.finished - check.started:.2f} s, the workers were ready after "
                       f"{(self.ready_at or now) - check.started:.2f} s)")
 
+    def open_canary(self, workers: int, check: Preflight) -> None:
+        """Traffic analysis: let only [analysis] canary_workers of the new generation's *workers* accept
+        (their own gate tickets) while it is judged against the old one, so a regressing release serves
+        about canary / (workers + canary) of the requests; all of them when that is the whole generation."""
+        ready = sorted(self._ready_workers(self.new))
+        canary = min(self.app.analysis.canary_workers or workers, workers, len(ready))
+        if canary >= workers:
+            self.open_gate(self.new, check)
+        else:
+            traffic.open_canary(self.ready_dir, self.new, ready[:canary])
+            self.gate_open = True
+            self.n.status(f"canary open: {canary} of master {self.new}'s {workers} workers accept connections "
+                          f"({time.monotonic() - check.started:.2f} s after the pre-flight and the new generation "
+                          "started); the others wait at the gate until the comparison passed")
+        self.analysis = traffic.Analysis(self.app, self.release(), self.old, self.new, canary=canary,
+                                         workers=workers, say=self.n.status)
+
     def trade_workers(self, surge: int) -> None:
         """Lockstep: retire *surge* old workers gracefully (TTOU) and start as many new ones (TTIN), wait
         until those are ready and the old ones gone, repeat until the new master runs them all. While
@@ -333,12 +358,27 @@ class Swap:
     def bake(self, master: int, expected_exits: set[int] = frozenset()) -> None:
         """Keep watching the new workers (and the app's health) before the old generation goes.
 
-        *expected_exits*: workers replaced on purpose (HUP) or that exited before this reload."""
-        seconds = self.app.bake_seconds
-        if seconds <= 0:
+        *expected_exits*: workers replaced on purpose (HUP) or that exited before this reload. With the
+        traffic analysis it lasts until that passed (see reloader.traffic), at least bake_seconds."""
+        seconds, analysis = self.app.bake_seconds, self.analysis
+        if seconds <= 0 and not analysis:
             return
-        self.n.status(f"baking the new generation for {seconds:g} s")
+        if analysis:
+            a = self.app.analysis
+            self.n.status(f"baking: comparing the new generation's requests with the old one's for at least "
+                          f"{seconds:g} s and {a.min_requests} requests (at most {analysis.limit:g} s)")
+        else:
+            self.n.status(f"baking the new generation for {seconds:g} s")
         deadline = time.monotonic() + seconds
+        try:
+            self._bake(master, expected_exits, deadline, analysis)
+        finally:
+            if analysis and analysis.verdict:
+                self._record_analysis(analysis)
+
+    def _bake(self, master: int, expected_exits: set[int], deadline: float,
+              analysis: traffic.Analysis | None) -> None:
+        look = 0.0
         while True:
             if not proc.alive(master):
                 raise Refused(f"the new master {master} died during the bake")
@@ -349,9 +389,23 @@ class Swap:
             if not self.app.health_ok(status):
                 raise Refused(f"health check {self.app.health_path} through {self.app.socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error} during the bake")
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if analysis is None and now >= deadline:
                 return
+            if analysis and now >= look:
+                look = now + traffic.LOOK_SECONDS
+                if analysis.look():
+                    return
+            self.n.extend()
             time.sleep(0.2)
+
+    def _record_analysis(self, analysis: traffic.Analysis) -> None:
+        print(f"reloader: {self.app.name}: traffic {analysis.outcome}", file=sys.stderr, flush=True)
+        try:
+            releases.record_analysis(self.app, analysis.record())
+        except OSError as e:  # the verdict stands; only the listing misses it
+            print(f"reloader: {self.app.name}: cannot record the traffic comparison in {self.app.state_dir}: "
+                  f"{e.strerror}", file=sys.stderr)
 
     def hand_over(self) -> None:
         self.n.status(f"handing MainPID over to the new master {self.new}")
