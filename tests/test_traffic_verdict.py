@@ -135,7 +135,7 @@ def test_good_releases_go_live_under_load_and_low_traffic_proceeds_saying_why(ap
     app.stop_load(load)
     assert r.returncode == 0, props["StatusText"]
     assert app.version() == "v7"
-    assert re.search(r"not enough traffic to compare: \d+ requests? to the new generation in \d+ s", props["StatusText"]), \
-        props["StatusText"]
+    assert re.search(r"not enough traffic to compare: \d+ requests? to the new generation in \d+ s",
+                     props["StatusText"]), props["StatusText"]
     assert "proceeding on the health checks alone" in app.journal_with("not enough traffic")
     assert status_json(app)["analysis"]["verdict"] == "not enough traffic"
