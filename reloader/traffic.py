@@ -45,6 +45,9 @@ CANARY_PUBLISH_SECONDS = 0.1
 INTERIM_FACTOR = 20
 #: Fewer new requests than this are never judged (percentiles and rank tests need a few).
 MIN_LOOK = 5
+#: Latency is judged early (an interim look) only on this many requests and by the median alone: a new
+#: worker's first requests are slower (cold caches, lazy imports), and a tail of a few is noise.
+MIN_LATENCY_LOOK = 20
 #: How often the bake reads the counters.
 LOOK_SECONDS = 0.2
 
@@ -200,7 +203,9 @@ def compare(release: str, new: Stats, old: Stats, app: AppConfig, *, interim: bo
             and fisher_greater(new.errors, new.requests, old.errors, old.requests) < a.error_pvalue / scale):
         return Regression(f"release {release} answered 5xx to {pct(new.error_rate)} of {new.requests:,} requests "
                           f"(old generation: {pct(old.error_rate)} of {old.requests:,}) during the bake")
-    slower = [p for p in (0.5, 0.95)
+    if interim and new.requests < MIN_LATENCY_LOOK:
+        return None
+    slower = [p for p in ((0.5,) if interim else (0.5, 0.95))
               if new.percentile(p) >= a.latency_ratio * old.percentile(p)
               and new.percentile(p) - old.percentile(p) >= a.latency_floor_ms]
     if slower and mann_whitney_greater(new.latency, old.latency) < a.latency_pvalue / scale:
