@@ -67,6 +67,7 @@ class Swap:
         self.release_dir = self.target.release
         #: The bake's traffic analysis ([analysis]), once the canary's gate opened.
         self.analysis: traffic.Analysis | None = None
+        self.baseline: dict[int, traffic.Stats] = {}  #: the old generation's request counters at the start
 
     # --- the protocol -------------------------------------------------------------------------------
     def run(self, *, notify_reload: bool = False) -> int:
@@ -132,6 +133,7 @@ class Swap:
         the pre-flight passed and every one of them loaded the app. With max_surge = S it starts with S
         workers and takes over the rest in lockstep: at most workers + S run, never fewer than workers serve."""
         surge = min(self.app.max_surge, self.app.workers)
+        self.baseline = traffic.read_workers(self.ready_dir, self.old) if self.app.request_stats else {}
         check = self.start_preflight()
         try:
             self.spawn_new_generation(gated=True, workers=surge)
@@ -318,7 +320,7 @@ class Swap:
                           f"({time.monotonic() - check.started:.2f} s after the pre-flight and the new generation "
                           "started); the others wait at the gate until the comparison passed")
         self.analysis = traffic.Analysis(self.app, self.release(), self.old, self.new, canary=canary,
-                                         workers=workers, say=self.n.status)
+                                         workers=workers, say=self.n.status, baseline=self.baseline)
 
     def trade_workers(self, surge: int) -> None:
         """Lockstep: retire *surge* old workers gracefully (TTOU) and start as many new ones (TTIN), wait

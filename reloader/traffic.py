@@ -230,17 +230,21 @@ class Analysis:
     end; ``outcome`` is then the verdict's short form and ``record()`` its listing entry."""
 
     def __init__(self, app: AppConfig, release: str, old: int, new: int, *, canary: int, workers: int,
-                 say: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
+                 say: Callable[[str], None], baseline: dict[int, Stats] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """*baseline*: the old generation's counters when the reload started (see :meth:`measure`)."""
         self.app, self.release, self.old, self.new = app, release, old, new
         self.canary, self.workers, self.say, self.clock = canary, workers, say, clock
         self.ready_dir = Path(app.ready_dir)
-        self.since = read_workers(self.ready_dir, old)
+        self.since_open = read_workers(self.ready_dir, old)
+        self.since = self.since_open if baseline is None else baseline
         self.started = clock()
         self.verdict = ""  #: "passed", "refused", "not enough traffic" once decided
         self.outcome = ""
         self.new_stats, self.old_stats = Stats(), Stats()
         self.seconds = 0.0
         self.old_published = True  #: the old generation's workers publish statistics (its config has the hooks)
+        self.old_since_open = 0
 
     @property
     def limit(self) -> float:
@@ -248,17 +252,21 @@ class Analysis:
         return max(self.app.bake_seconds, self.app.analysis.timeout)
 
     def measure(self) -> tuple[Stats, Stats]:
+        """The new generation's requests since its canary opened, against the old generation's since the
+        reload started: it served all of them while the new one booted, the same traffic seconds earlier,
+        and a larger baseline makes a bad canary significant after fewer of its requests."""
         self.seconds = self.clock() - self.started
         old = read_workers(self.ready_dir, self.old)
         self.old_published = bool(old)
         self.new_stats = window(read_workers(self.ready_dir, self.new), {})
         self.old_stats = window(old, self.since)
+        self.old_since_open = window(old, self.since_open).requests
         return self.new_stats, self.old_stats
 
     @property
     def share(self) -> float:
-        """The share of the window's requests the new generation served."""
-        served = self.new_stats.requests + self.old_stats.requests
+        """The share of the requests the new generation served while its canary was open."""
+        served = self.new_stats.requests + self.old_since_open
         return self.new_stats.requests / served if served else 0.0
 
     def look(self) -> bool:

@@ -167,9 +167,9 @@ def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(config.AppConfig, "ready_dir", property(lambda self: str(tmp_path)))
     said: list[str] = []
 
-    def make(**analysis: Any) -> Analysis:
+    def make(baseline: dict[int, Stats] | None = None, **analysis: Any) -> Analysis:
         app = parse(cfg(gunicorn={"workers": 4}, analysis=analysis))
-        return Analysis(app, "5", 100, 200, canary=1, workers=4, say=said.append, clock=clock)
+        return Analysis(app, "5", 100, 200, canary=1, workers=4, say=said.append, clock=clock, baseline=baseline)
 
     clock = Clock()
     return SimpleNamespace(ready=tmp_path, clock=clock, make=make, said=said)
@@ -190,6 +190,17 @@ def test_a_good_canary_passes_after_bake_seconds_and_min_requests(bed) -> None:
     assert "canary 1 of 4 workers served 38 % of the requests" in a.outcome
     record = a.record()
     assert record["new"]["requests"] == 60 and record["old"]["p95_ms"] > 0 and record["verdict"] == "passed"
+
+
+def test_the_old_generation_is_counted_from_the_reloads_start_the_share_from_the_canarys(bed) -> None:
+    at_start = {101: stats([5.0] * 1000)}
+    publish(bed.ready, 100, 101, stats([5.0] * 1400))  # 400 served while the new generation booted
+    a = bed.make(baseline=at_start, min_requests=20)
+    publish(bed.ready, 100, 101, stats([5.0] * 1480))
+    publish(bed.ready, 200, 201, stats([5.0] * 20))
+    bed.clock.t += 2.0
+    assert a.look() is True
+    assert (a.old_stats.requests, a.new_stats.requests, a.share) == (480, 20, 0.2)
 
 
 def test_a_failing_canary_is_refused_before_bake_seconds(bed) -> None:
