@@ -121,7 +121,7 @@ class Swap:
             return 1
         workers = len(self._ready_workers(master))  # seen ready now, not the configured count
         cost = self.report_cost()
-        verdict = f"; traffic {self.analysis.outcome}" if self.analysis and self.analysis.outcome else ""
+        verdict = f"; {self.analysis.outcome}" if self.analysis and self.analysis.outcome else ""
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
                       f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost}){verdict}")
         self.n.send("READY=1")
@@ -402,7 +402,7 @@ class Swap:
             time.sleep(0.2)
 
     def _record_analysis(self, analysis: traffic.Analysis) -> None:
-        print(f"reloader: {self.app.name}: traffic {analysis.outcome}", file=sys.stderr, flush=True)
+        print(f"reloader: {self.app.name}: {analysis.outcome}", file=sys.stderr, flush=True)
         try:
             releases.record_analysis(self.app, analysis.record())
         except OSError as e:  # the verdict stands; only the listing misses it

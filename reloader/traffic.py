@@ -303,9 +303,9 @@ class Analysis:
 
     def decide(self, verdict: str) -> None:
         self.verdict = verdict
-        canary = (f"canary {self.canary} of {self.workers} workers served {pct(self.share)} of the requests"
-                  if self.canary < self.workers else f"served {pct(self.share)} of the requests")
-        self.outcome = f"{verdict} after {self.seconds:.1f} s: {summary(self.new_stats, self.old_stats)}; {canary}"
+        who = f"canary {self.canary} of {self.workers} workers" if self.canary < self.workers else "new generation"
+        self.outcome = (f"traffic {verdict} after {self.seconds:.1f} s: {summary(self.new_stats, self.old_stats)}; "
+                        f"{who} served {pct(self.share)} of the requests")
 
     def record(self) -> dict:
         """The comparison for releases.json (``reloader releases`` / ``status`` show it)."""

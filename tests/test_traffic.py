@@ -144,7 +144,6 @@ def test_good_releases_are_not_refused_by_repeated_looks() -> None:
                 refused += 1
                 break
     assert refused <= 4, f"{refused} of 200 good releases refused"
-    print(f"{refused} of 200 good releases refused")
 
 
 # --- the bake's decisions ------------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ def test_a_good_canary_passes_after_bake_seconds_and_min_requests(bed) -> None:
     assert a.look() is True and a.verdict == "passed"
     assert a.old_stats.requests == 100 and a.new_stats.requests == 60
     assert a.share == pytest.approx(60 / 160)
-    assert a.outcome.startswith("passed after 2.5 s: new 60 requests, 5xx 0 %")
+    assert a.outcome.startswith("traffic passed after 2.5 s: new 60 requests, 5xx 0 %")
     assert "canary 1 of 4 workers served 38 % of the requests" in a.outcome
     record = a.record()
     assert record["new"]["requests"] == 60 and record["old"]["p95_ms"] > 0 and record["verdict"] == "passed"
