@@ -47,10 +47,19 @@ def run(b: rb.Bench, label: str, reloads: int) -> dict[str, Any]:
     return result
 
 
+def steady(b: rb.Bench, seconds: float) -> float:
+    """Requests per second through nginx with no deploy running: 4 clients on /, for *seconds*."""
+    load = b.start_load(4, 0)
+    time.sleep(seconds)
+    report, _ = b.stop_load(load)
+    return report["total"] / report["duration_s"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--reloads", type=int, default=20, help="good releases per mode (default 20)")
     p.add_argument("--out", default=str(HERE), help="directory for traffic_results.{md,json}")
+    p.add_argument("--steady", type=float, default=10, help="seconds of each steady-state throughput run")
     args = p.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_before = Path("/proc/loadavg").read_text().split()[:3]
@@ -60,11 +69,16 @@ def main() -> int:
         if not app.wait_version("v1"):
             raise SystemExit("example app did not come up:\n" + app.journal(40))
         b = rb.Bench(c, app)
+        rps_on = [steady(b, args.steady)]
         on = run(b, "analysis on (default)", args.reloads)
         config = c.read_file(appbed.EXAMPLE) + "\n[analysis]\nenabled = false\n"
         c.write_file("/root/no-analysis.toml", config)
         b.install("/root/no-analysis.toml")
+        rps_off = [steady(b, args.steady)]
         off = run(b, "analysis off", args.reloads)
+        rps_off.append(steady(b, args.steady))
+        b.install(appbed.EXAMPLE)
+        rps_on.append(steady(b, args.steady))
     rows = []
     for m in (on, off):
         verdicts = [o["verdict"] for o in m["analysis"]]
@@ -91,12 +105,16 @@ def main() -> int:
                   f"| {r['passed']} / {r['not_enough_traffic']} | {r['judged_s_median'] or '-'} | {share} "
                   f"| {r['failed_requests']} |")
     md += ["", f"Command time with the analysis over without: {ratio:.2f} x." if ratio else ""]
+    on_rps, off_rps = statistics.mean(rps_on), statistics.mean(rps_off)
+    md += ["", f"Steady-state throughput (no deploy, 4 clients on /, {args.steady:g} s runs, on/off/off/on): with "
+           f"the request statistics {on_rps:.0f} req/s ({', '.join(f'{v:.0f}' for v in rps_on)}), without "
+           f"{off_rps:.0f} req/s ({', '.join(f'{v:.0f}' for v in rps_off)}): {on_rps / off_rps:.3f} x."]
     text = "\n".join(md) + "\n"
     out = Path(args.out)
     (out / "traffic_results.md").write_text(text)
-    (out / "traffic_results.json").write_text(json.dumps(
-        {"started": started, "rows": rows, "modes": [{k: v for k, v in m.items() if k != "first_reload_records"}
-                                                      for m in (on, off)]}, indent=2) + "\n")
+    modes = [{k: v for k, v in m.items() if k != "first_reload_records"} for m in (on, off)]
+    doc = {"started": started, "rows": rows, "steady_rps": {"on": rps_on, "off": rps_off}, "modes": modes}
+    (out / "traffic_results.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(text)
     return 0
 

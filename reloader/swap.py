@@ -294,6 +294,8 @@ class Swap:
     def open_gate(self, master: int, check: Preflight) -> None:
         """The pre-flight passed and every new worker loaded the app: let them accept connections."""
         gate = self.ready_dir / str(master) / "gate-open"
+        if gate.exists():  # the canary was the whole generation: opened before the bake
+            return
         try:
             gate.write_text(f"{os.getpid()}\n")
         except OSError as e:
