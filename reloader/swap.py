@@ -2,11 +2,14 @@
 
     "generation" (the default): a gated new generation
         clean up strays → setup commands → pre-flight ∥ new generation (its workers load the app, then
-        wait at the gate) → every new worker ready and the pre-flight passed → open the gate → bake
-        → hand MAINPID over → retire old generation → confirm
+        wait at the gate) → every new worker ready and the pre-flight passed → open the gate for a canary
+        → bake: its requests against the old generation's ([analysis], reloader.traffic) → open the gate
+        for all → hand MAINPID over → retire old generation → confirm
+        (without the analysis: open the gate for all → bake → hand MAINPID over → …)
     "generation" with max_surge = S: lockstep, at most workers + S workers at any time
-        … → pre-flight ∥ new generation of S gated workers → open the gate → trade: TTOU old, TTIN new,
-        until the new master has them all → bake → hand MAINPID over → retire old → confirm
+        … → pre-flight ∥ new generation of S gated workers → open the gate (the canary: the analysis'
+        bake) → trade: TTOU old, TTIN new, until the new master has them all → (bake without the
+        analysis) → hand MAINPID over → retire old → confirm
     "hup": clean up strays → setup commands → pre-flight → HUP → wait new workers → bake → confirm
 
 Any failure before the old generation is retired rolls back: a lockstep swap first gives the old master
