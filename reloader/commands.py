@@ -251,7 +251,8 @@ def cmd_releases(args: argparse.Namespace) -> int:
             row["instances"] = pins[row["path"]]
     if args.json:
         print(json.dumps({"name": app.name, "root": releases.releases_root(app),
-                          "current": releases.resolve_current(app), "releases": rows}, indent=2))
+                          "current": releases.resolve_current(app), "releases": rows,
+                          "analysis": releases.read(app).analysis or None}, indent=2))
         return 0
     current = releases.resolve_current(app)
     for row in rows:
@@ -264,7 +265,16 @@ def cmd_releases(args: argparse.Namespace) -> int:
         print(f"{row['release']:<24} {row['state']}{extra}{on}{mark}")
     if not rows:
         print(f"{app.name}: no release directories in {releases.releases_root(app)}")
+    _print_analysis(releases.read(app).analysis)
     return 0
+
+
+def _print_analysis(record: dict | None, indent: str = "") -> None:
+    """The last deploy's traffic comparison (reloader.traffic), when there was one."""
+    from . import traffic
+
+    if record:
+        print(f"{indent}last traffic comparison: {traffic.describe(record)}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -304,6 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  refused: release {r['refused_release']}: {r['refused_reason']}")
             if r.get("pending"):
                 print(f"  {r['pending']}")
+            _print_analysis(r.get("analysis"), indent="  ")
             for i in r.get("instances", []):
                 print(f"  {i['unit']}: {i['state']}{' (live)' if i['live'] else ''}, release {i['release'] or '-'}, "
                       f"MainPID {i['main_pid']}, {i['workers']} workers")
@@ -330,6 +341,7 @@ def _release_state(app: AppConfig) -> dict:
         "refused_release": os.path.basename(refused[0]) if refused else None,
         "refused_reason": refused[1].reason if refused else None,
         "pending": releases.pending(app, records) or None,
+        "analysis": records.analysis or None,
     }
 
 

@@ -192,6 +192,31 @@ class SetupConfig:
     timeout: int = toml("setup", 300, kind="integer", low=1, high=86400)
 
 
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The bake's comparison of the new generation with the old one on real traffic (strategy
+    "generation"; reloader.traffic, docs/traffic-analysis.md): a regressing release is refused."""
+
+    enabled: bool = toml("analysis", True, kind="boolean")
+    #: Workers of the new generation that take traffic while it is judged (the rest wait at the gate).
+    canary_workers: int = toml("analysis", 1, kind="integer", low=0, high=512)
+    #: Requests the new generation must have served before it can pass.
+    min_requests: int = toml("analysis", 100, kind="integer", low=1, high=10_000_000)
+    #: The longest the bake waits for min_requests (seconds; never less than bake_seconds).
+    timeout: float = toml("analysis", 30.0, kind="number", low=0, high=3600)
+    #: Too few requests by then: "proceed" on the health checks alone, or "refuse".
+    low_traffic: str = toml("analysis", "proceed", kind="string", pattern=re.compile("proceed|refuse"),
+                            allowed="use \"proceed\" or \"refuse\"")
+    #: 5xx: refused when the one-sided Fisher test's p-value is below this and the rate rose by error_margin.
+    error_pvalue: float = toml("analysis", 0.01, kind="number", low=1e-12, high=0.5)
+    error_margin: float = toml("analysis", 0.01, kind="number", low=0, high=1)
+    #: Latency: refused when p50 or p95 is latency_ratio times the old one and latency_floor_ms more, and
+    #: the one-sided Mann-Whitney test's p-value is below latency_pvalue.
+    latency_ratio: float = toml("analysis", 1.5, kind="number", low=1, high=1000)
+    latency_floor_ms: float = toml("analysis", 100.0, kind="number", low=0, high=3_600_000)
+    latency_pvalue: float = toml("analysis", 0.01, kind="number", low=1e-12, high=0.5)
+
+
 def _sd_directory(base: str) -> Any:
     return toml("app", "", kind="string", pattern=_SD_DIRECTORY,
                 allowed=f"a directory name relative to {base}, like 'myapp' (letters, digits, '._-', '/')")
@@ -265,9 +290,10 @@ class AppConfig:
     #: How many release directories `reloader deploy` keeps (the live and previous one always stay).
     keep_releases: int = toml("reload", 5, kind="integer", low=2, high=1000)
 
-    # [nginx], [setup]
+    # [nginx], [setup], [analysis]
     nginx: NginxConfig = field(default_factory=NginxConfig)
     setup: SetupConfig = field(default_factory=SetupConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def __post_init__(self) -> None:
         # A str from a caller that builds AppConfig by hand becomes the enum (ValueError if unknown).
@@ -462,8 +488,18 @@ class AppConfig:
         can never make a command give up on a reload that is still running."""
         setup = self.setup.timeout if self.setup.commands else 0
         per_instance = self.ready_timeout + self.graceful_timeout + (60 if self.multi_instance else 30)
-        return (self.preflight_timeout + setup + math.ceil(self.bake_seconds)
+        return (self.preflight_timeout + setup + math.ceil(self.bake_limit)
                 + max(1, len(self.instance_names)) * per_instance)
+
+    @property
+    def request_stats(self) -> bool:
+        """The workers count their requests for the bake's traffic analysis (strategy "generation")."""
+        return self.strategy.new_generation and self.analysis.enabled
+
+    @property
+    def bake_limit(self) -> float:
+        """The longest a bake may last: bake_seconds, or the analysis waiting for traffic up to its timeout."""
+        return max(self.bake_seconds, self.analysis.timeout if self.request_stats else 0)
 
     @property
     def setup_unit(self) -> str:
@@ -480,7 +516,7 @@ class AppConfig:
 def _schema() -> dict[str, dict[str, tuple[str, TomlKey, Any]]]:
     """section → TOML key → (the field it fills, its :class:`TomlKey`, its default or MISSING), from the fields."""
     schema: dict[str, dict[str, tuple[str, TomlKey, Any]]] = {}
-    for cls in (AppConfig, NginxConfig, SetupConfig):
+    for cls in (AppConfig, NginxConfig, SetupConfig, AnalysisConfig):
         for f in fields(cls):
             if "toml" in f.metadata:
                 spec = f.metadata["toml"]
@@ -728,7 +764,17 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy.value!r} yet (its "
                           "controller is not sandboxed as the app); run them from your deploy script, or use "
                           "strategy \"generation\"")
-    return AppConfig(source=source, **values, nginx=nginx, setup=setup)
+    analysis = _analysis(_Reader(source, "analysis", data.get("analysis", {})), strategy, values["workers"])
+    return AppConfig(source=source, **values, nginx=nginx, setup=setup, analysis=analysis)
+
+
+def _analysis(ana: _Reader, strategy: Strategy, workers: int) -> AnalysisConfig:
+    if ana.table and not strategy.new_generation:
+        ana.fail(next(iter(ana.table)), f"only applies to strategy = \"generation\" (not {strategy.value!r}): "
+                 "the traffic analysis compares two generations of one master")
+    if ana.read("canary_workers") > workers:
+        ana.fail("canary_workers", f"{ana.values['canary_workers']} is more than [gunicorn] workers ({workers})")
+    return AnalysisConfig(**ana.rest())
 
 
 def _socket(gun: _Reader, name: str, socket_activation: bool) -> str:

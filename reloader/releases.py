@@ -5,7 +5,8 @@ operator's pointer to what should run next; it is *not* proof. So reloader keeps
 in the unit's ``StateDirectory=`` (``/var/lib/reloader/NAME``, writable by the app user, so the
 ``ExecReload=`` helper can record what it proved):
 
-    releases.json   {"live": ENTRY, "previous": ENTRY | null, "refused": {DIR: {"reason": str, "time": float}}}
+    releases.json   {"live": ENTRY, "previous": ENTRY | null, "refused": {DIR: {"reason": str, "time": float}},
+                     "proven": [DIR, ...], "analysis": the last deploy's traffic comparison (reloader.traffic)}
                     ENTRY = {"release": DIR, "virtualenv": DIR, "since": float}   (resolved paths)
     live, previous  symlinks to those release directories (nginx serves static files through them)
 
@@ -65,6 +66,8 @@ class Records:
     refused: dict[str, Refusal] = field(default_factory=dict)
     #: Every release that was ever live (passed a reload or the first start): what rollback may name.
     proven: tuple[str, ...] = ()
+    #: The last deploy's traffic comparison (reloader.traffic.Analysis.record), {} before the first.
+    analysis: dict = field(default_factory=dict)
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -87,7 +90,8 @@ def read(app: AppConfig) -> Records:
     refused = {d: Refusal(str(r.get("reason", "")), float(r.get("time", 0)))
                for d, r in (data.get("refused") or {}).items() if isinstance(r, dict)}
     proven = tuple(p for p in data.get("proven") or () if isinstance(p, str))
-    return Records(entry(data.get("live")), entry(data.get("previous")), refused, proven)
+    analysis = data.get("analysis") if isinstance(data.get("analysis"), dict) else {}
+    return Records(entry(data.get("live")), entry(data.get("previous")), refused, proven, analysis)
 
 
 def resolve_current(app: AppConfig) -> str:
@@ -130,7 +134,7 @@ def record_live(app: AppConfig, release: Release) -> Records:
     refused = {d: r for d, r in old.refused.items() if d != release.release}
     proven = tuple(p for p in old.proven if p != release.release) + (release.release,)
     new = Records(Release(release.release, release.virtualenv, release.since or time.time()), previous, refused,
-                  proven)
+                  proven, old.analysis)
     _save(app, new)
     return new
 
@@ -139,7 +143,15 @@ def record_refused(app: AppConfig, release_dir: str, reason: str) -> Records:
     old = read(app)
     refused = dict(old.refused)
     refused[release_dir] = Refusal(reason, time.time())
-    new = Records(old.live, old.previous, refused, old.proven)
+    new = Records(old.live, old.previous, refused, old.proven, old.analysis)
+    _save(app, new)
+    return new
+
+
+def record_analysis(app: AppConfig, analysis: dict) -> Records:
+    """The traffic comparison of the deploy running now (it replaces the last one)."""
+    old = read(app)
+    new = Records(old.live, old.previous, old.refused, old.proven, analysis)
     _save(app, new)
     return new
 
@@ -148,7 +160,8 @@ def _save(app: AppConfig, records: Records) -> None:
     state = Path(app.state_dir)
     data = {"live": asdict(records.live) if records.live else None,
             "previous": asdict(records.previous) if records.previous else None,
-            "refused": {d: asdict(r) for d, r in records.refused.items()}, "proven": list(records.proven)}
+            "refused": {d: asdict(r) for d, r in records.refused.items()}, "proven": list(records.proven),
+            "analysis": records.analysis}
     write_atomic(records_path(app), json.dumps(data, indent=2) + "\n", 0o644)
     for name, entry in (("live", records.live), ("previous", records.previous)):
         link = state / name
@@ -295,7 +308,7 @@ def prune(app: AppConfig, keep: int) -> list[str]:
     if removed:
         _save(app, Records(records.live, records.previous,
                            {d: r for d, r in records.refused.items() if d not in removed},
-                           tuple(p for p in records.proven if p not in removed)))
+                           tuple(p for p in records.proven if p not in removed), records.analysis))
     return removed
 
 

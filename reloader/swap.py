@@ -2,11 +2,14 @@
 
     "generation" (the default): a gated new generation
         clean up strays → setup commands → pre-flight ∥ new generation (its workers load the app, then
-        wait at the gate) → every new worker ready and the pre-flight passed → open the gate → bake
-        → hand MAINPID over → retire old generation → confirm
+        wait at the gate) → every new worker ready and the pre-flight passed → open the gate for a canary
+        → bake: its requests against the old generation's ([analysis], reloader.traffic) → open the gate
+        for all → hand MAINPID over → retire old generation → confirm
+        (without the analysis: open the gate for all → bake → hand MAINPID over → …)
     "generation" with max_surge = S: lockstep, at most workers + S workers at any time
-        … → pre-flight ∥ new generation of S gated workers → open the gate → trade: TTOU old, TTIN new,
-        until the new master has them all → bake → hand MAINPID over → retire old → confirm
+        … → pre-flight ∥ new generation of S gated workers → open the gate (the canary: the analysis'
+        bake) → trade: TTOU old, TTIN new, until the new master has them all → (bake without the
+        analysis) → hand MAINPID over → retire old → confirm
     "hup": clean up strays → setup commands → pre-flight → HUP → wait new workers → bake → confirm
 
 Any failure before the old generation is retired rolls back: a lockstep swap first gives the old master
@@ -24,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc, releases, setup_commands
+from . import proc, releases, setup_commands, traffic
 from .config import AppConfig
 from .engine import (
     WARNING,
@@ -70,6 +73,7 @@ class Swap:
         self.ready_dir = Path(app.ready_dir)
         #: The new generation's gate is open: its workers accept (and a rollback must stop it gracefully).
         self.gate_open = False
+        self.gate_opened_for = 0  #: the master whose whole gate (gate-open) this reload opened
         #: How many workers the old master runs now (lockstep lowers it with TTOU, a rollback raises it).
         self.old_workers = app.workers
         self._signalled: dict[int, float] = {}
@@ -78,6 +82,9 @@ class Swap:
         #: master's chdir and what gets recorded live, whatever ``current`` points at meanwhile.
         self.target = releases.Release(releases.resolve_current(app), releases.resolve_virtualenv(app))
         self.release_dir = self.target.release
+        #: The bake's traffic analysis ([analysis]), once the canary's gate opened.
+        self.analysis: traffic.Analysis | None = None
+        self.baseline: dict[int, traffic.Stats] = {}  #: the old generation's request counters at the start
 
     # --- the protocol -------------------------------------------------------------------------------
     def run(self, *, notify_reload: bool = False) -> int:
@@ -110,7 +117,8 @@ class Swap:
             if self.taken_over and self.proc.alive(self.new):
                 return self._serving_but(e)
             serving = self._serving()
-            self.n.warn(f"reload refused: release {self.release()}: {reason(e)}"
+            why = str(e) if isinstance(e, traffic.Regression) else f"release {self.release()}: {reason(e)}"
+            self.n.warn(f"reload refused: {why}"
                           + (f"; still serving {serving}" if serving else ""))
             self.report_cost()
             if tried:
@@ -133,8 +141,9 @@ class Swap:
             return 1
         workers = len(self._ready_workers(master))  # seen ready now, not the configured count
         cost = self.report_cost()
+        verdict = f"; {self.analysis.outcome}" if self.analysis and self.analysis.outcome else ""
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
-                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost})")
+                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost}){verdict}")
         self.n.send("READY=1")
         self.n.barrier()
         return 0
@@ -144,14 +153,19 @@ class Swap:
         the pre-flight passed and every one of them loaded the app. With max_surge = S it starts with S
         workers and takes over the rest in lockstep: at most workers + S run, never fewer than workers serve."""
         surge = min(self.app.max_surge, self.app.workers)
+        self.baseline = traffic.read_workers(self.ready_dir, self.old) if self.app.request_stats else {}
         check = self.start_preflight()
         try:
             self.spawn_new_generation(gated=True, workers=surge)
             self.wait_ready(self.new, surge or self.app.workers, check)
+            if self.app.request_stats:
+                self.open_canary(surge or self.app.workers, check)
+                self.bake(self.new)  # judged with the canary; the others are still at the gate
             self.open_gate(self.new, check)
             if surge:
                 self.trade_workers(surge)
-            self.bake(self.new)
+            if not self.app.request_stats:
+                self.bake(self.new)
             self.hand_over()
         except Exception as e:  # a bus error or an OSError rolls back as a refusal does
             self.undo(self.restore_old_generation,  # a no-op unless a lockstep swap retired old workers
@@ -306,16 +320,36 @@ class Swap:
     def open_gate(self, master: int, check: Preflight) -> None:
         """The pre-flight passed and every new worker loaded the app: let them accept connections."""
         gate = self.ready_dir / str(master) / "gate-open"
+        if self.gate_opened_for == master:  # the canary was the whole generation: opened before the bake
+            return
         try:
             gate.write_text(f"{os.getpid()}\n")
         except OSError as e:
             raise Refused(f"cannot open the gate of master {master} ({gate}): {e.strerror}") from None
         self.gate_open = True
+        self.gate_opened_for = master
         now = time.monotonic()
         self.n.status(f"gate open: master {master}'s workers accept connections ({now - check.started:.2f} s "
                       f"after the pre-flight and the new generation started; the pre-flight took "
                       f"{check.finished - check.started:.2f} s, the workers were ready after "
                       f"{(self.ready_at or now) - check.started:.2f} s)")
+
+    def open_canary(self, workers: int, check: Preflight) -> None:
+        """Traffic analysis: let only [analysis] canary_workers of the new generation's *workers* accept
+        (their own gate tickets) while it is judged against the old one, so a regressing release serves
+        about canary / (workers + canary) of the requests; all of them when that is the whole generation."""
+        ready = sorted(self._ready_workers(self.new))
+        canary = min(self.app.analysis.canary_workers or workers, workers, len(ready))
+        if canary >= workers:
+            self.open_gate(self.new, check)
+        else:
+            traffic.open_canary(self.ready_dir, self.new, ready[:canary])
+            self.gate_open = True
+            self.n.status(f"canary open: {canary} of master {self.new}'s {workers} workers accept connections "
+                          f"({time.monotonic() - check.started:.2f} s after the pre-flight and the new generation "
+                          "started); the others wait at the gate until the comparison passed")
+        self.analysis = traffic.Analysis(self.app, self.release(), self.old, self.new, canary=canary,
+                                         workers=workers, say=self.n.status, baseline=self.baseline)
 
     def trade_workers(self, surge: int) -> None:
         """Lockstep: retire *surge* old workers gracefully (TTOU) and start as many new ones (TTIN), wait
@@ -355,12 +389,27 @@ class Swap:
     def bake(self, master: int, expected_exits: set[int] = frozenset()) -> None:
         """Keep watching the new workers (and the app's health) before the old generation goes.
 
-        *expected_exits*: workers replaced on purpose (HUP) or that exited before this reload."""
-        seconds = self.app.bake_seconds
-        if seconds <= 0:
+        *expected_exits*: workers replaced on purpose (HUP) or that exited before this reload. With the
+        traffic analysis it lasts until that passed (see reloader.traffic), at least bake_seconds."""
+        seconds, analysis = self.app.bake_seconds, self.analysis
+        if seconds <= 0 and not analysis:
             return
-        self.n.status(f"baking the new generation for {seconds:g} s")
+        if analysis:
+            a = self.app.analysis
+            self.n.status(f"baking: comparing the new generation's requests with the old one's for at least "
+                          f"{seconds:g} s and {a.min_requests} requests (at most {analysis.limit:g} s)")
+        else:
+            self.n.status(f"baking the new generation for {seconds:g} s")
         deadline = time.monotonic() + seconds
+        try:
+            self._bake(master, expected_exits, deadline, analysis)
+        finally:
+            if analysis and analysis.verdict:
+                self._record_analysis(analysis)
+
+    def _bake(self, master: int, expected_exits: set[int], deadline: float,
+              analysis: traffic.Analysis | None) -> None:
+        look = 0.0
         while True:
             if not self.proc.alive(master):
                 raise Refused(f"the new master {master} died during the bake")
@@ -371,9 +420,22 @@ class Swap:
             if not self.app.health_ok(status):
                 raise Refused(f"health check {self.app.health_path} through {self.app.socket} "
                               f"{'answered ' + str(status) if status else 'failed: ' + error} during the bake")
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if analysis is None and now >= deadline:
                 return
+            if analysis and now >= look:
+                look = now + traffic.LOOK_SECONDS
+                if analysis.look():
+                    return
+            self.n.extend()
             time.sleep(0.2)
+
+    def _record_analysis(self, analysis: traffic.Analysis) -> None:
+        self.n.log(analysis.outcome)
+        try:
+            releases.record_analysis(self.app, analysis.record())
+        except OSError as e:  # the verdict stands; only the listing misses it
+            self.n.log(f"cannot record the traffic comparison in {self.app.state_dir}: {e.strerror}", WARNING)
 
     def hand_over(self) -> None:
         self.n.status(f"handing MainPID over to the new master {self.new}")

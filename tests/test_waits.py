@@ -22,13 +22,15 @@ from reloader.config import AppConfig, parse
 from reloader.render import render
 
 
-def config(reload: dict | None = None, setup: dict | None = None) -> AppConfig:
+def config(reload: dict | None = None, setup: dict | None = None, analysis: dict | None = None) -> AppConfig:
     data: dict = {"app": {"name": "flaskapp", "working_directory": "/srv/flaskapp/current",
                           "virtualenv": "/srv/flaskapp/venv", "wsgi": "app:app"}}
     if reload:
         data["reload"] = reload
     if setup:
         data["setup"] = setup
+    if analysis:
+        data["analysis"] = analysis
     return parse(data)
 
 
@@ -40,8 +42,12 @@ def timeout_start_sec(app: AppConfig) -> int:
 
 def test_the_reload_budget_counts_the_bake_the_setup_and_every_instance() -> None:
     base = config()
-    assert config({"bake_seconds": 300}).reload_budget == base.reload_budget - 2 + 300
-    assert config({"bake_seconds": 0.5}).reload_budget == base.reload_budget - 2 + 1, "a started second counts"
+    # The bake lasts bake_seconds, or (traffic analysis, on by default) up to [analysis] timeout (30 s).
+    assert config({"bake_seconds": 300}).reload_budget == base.reload_budget - 30 + 300
+    assert config(analysis={"timeout": 60}).reload_budget == base.reload_budget - 30 + 60
+    assert config(analysis={"enabled": False}).reload_budget == base.reload_budget - 30 + 2
+    assert (config({"bake_seconds": 0.5}, analysis={"enabled": False}).reload_budget
+            == base.reload_budget - 30 + 1), "a started second counts"
     with_setup = config(setup={"commands": ["true"], "timeout": 600})
     assert with_setup.reload_budget == base.reload_budget + 600
     three, six = config({"strategy": "rolling"}), config({"strategy": "rolling", "instances": 6})

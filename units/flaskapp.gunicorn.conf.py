@@ -211,9 +211,11 @@ def _wait_at_the_gate(worker):
     (the master kills a worker silent for `timeout`) and leave on TERM/QUIT/INT: this worker never took
     a request, so exiting at once loses nothing. Our own handlers, because some worker classes only run
     theirs from an event loop that is not running yet (asgi); time.sleep is gevent's after its patching.
-    Workers started after the gate opened (respawns, TTIN) pass straight through."""
+    Workers started after the gate opened (respawns, TTIN) pass straight through; a canary passes on its
+    own ticket while the others wait."""
     gate = os.path.join(_READY_DIR, str(worker.ppid), "gate-open")
-    if not _GATED or os.path.exists(gate):
+    ticket = f"{gate}-{worker.pid}"  # the canary's own gate (reloader/traffic.py)
+    if not _GATED or os.path.exists(gate) or os.path.exists(ticket):
         return
     import signal
     import time
@@ -222,7 +224,7 @@ def _wait_at_the_gate(worker):
     saved = {s: signal.signal(s, lambda sig, frame: stop.append(sig))
              for s in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)}
     try:
-        while not os.path.exists(gate):
+        while not (os.path.exists(gate) or os.path.exists(ticket)):
             if stop or not worker.alive or os.getppid() != worker.ppid:
                 sys.exit(0)
             worker.notify()
@@ -230,16 +232,69 @@ def _wait_at_the_gate(worker):
     finally:
         for s, handler in saved.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    if not os.path.exists(gate):  # a canary, judged now: its counters go out every 0.1 s until the gate opens
+        _PUBLISH_EVERY[0] = 0.1
+
+
+# Request statistics for the bake's comparison of two generations ([analysis]; reloader/traffic.py reads
+# them and documents the format): counted in memory by each worker, published at most every 0.5 s (a canary
+# being judged: 0.1 s).
+import inspect
+import math
+import time
+
+_STATS = {"requests": 0, "5xx": 0, "latency": {}}
+_PUBLISHED = [0.0]
+_PUBLISH_EVERY = [0.5]
+_HEALTH = '/health'
+
+
+def _user_post_request():
+    """Your post_request (from config_file) with gunicorn's 4 arguments, whichever 2-4 it takes."""
+    hook = _USER.get("post_request")
+    if not callable(hook):
+        return None
+    arity = len(inspect.signature(hook).parameters)
+    if arity >= 4:
+        return hook
+    return lambda worker, req, environ, resp: hook(*(worker, req, environ)[:arity])
+
+
+_USER_POST_REQUEST = _user_post_request()
+
+
+def pre_request(worker, req):
+    _user_hook("pre_request", worker, req)
+    req.reloader_started = time.monotonic()
+
+
+def post_request(worker, req, environ, resp):
+    if _USER_POST_REQUEST:
+        _USER_POST_REQUEST(worker, req, environ, resp)
+    started = getattr(req, "reloader_started", 0.0)
+    if not started or req.path == _HEALTH:
+        return
+    now, stats, status = time.monotonic(), _STATS, getattr(resp, "status_code", None)
+    stats["requests"] += 1
+    stats["5xx"] += status is None or status >= 500  # None: the app raised before answering; gunicorn sends 500
+    bucket = int(math.log2(1 + (now - started) * 1e6) * 4)
+    stats["latency"][bucket] = stats["latency"].get(bucket, 0) + 1
+    if now - _PUBLISHED[0] >= _PUBLISH_EVERY[0]:
+        _PUBLISHED[0] = now
+        _mark(worker.ppid, f"stats-{worker.pid}", json.dumps(stats))
+        if _PUBLISH_EVERY[0] < 0.5 and os.path.exists(os.path.join(_READY_DIR, str(worker.ppid), "gate-open")):
+            _PUBLISH_EVERY[0] = 0.5
 
 
 def child_exit(server, worker):
     """Runs in the master when a worker died: a new generation that loses workers fails its bake."""
     _user_hook("child_exit", server, worker)
     _mark(server.pid, f"exit-{worker.pid}", str(worker.pid))
-    try:
-        os.unlink(os.path.join(_READY_DIR, str(server.pid), f"worker-{worker.pid}"))
-    except OSError:
-        pass
+    for name in (f"worker-{worker.pid}", f"stats-{worker.pid}"):
+        try:
+            os.unlink(os.path.join(_READY_DIR, str(server.pid), name))
+        except OSError:
+            pass
 
 
 def on_exit(server):

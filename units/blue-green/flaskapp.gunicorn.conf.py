@@ -97,10 +97,11 @@ def child_exit(server, worker):
     """Runs in the master when a worker died: a new generation that loses workers fails its bake."""
     _user_hook("child_exit", server, worker)
     _mark(server.pid, f"exit-{worker.pid}", str(worker.pid))
-    try:
-        os.unlink(os.path.join(_READY_DIR, str(server.pid), f"worker-{worker.pid}"))
-    except OSError:
-        pass
+    for name in (f"worker-{worker.pid}", f"stats-{worker.pid}"):
+        try:
+            os.unlink(os.path.join(_READY_DIR, str(server.pid), name))
+        except OSError:
+            pass
 
 
 def on_exit(server):
