@@ -268,7 +268,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import proc
+    from . import proc, toolkit
     from .bus import Systemd
 
     names = [args.name] if args.name else registry.managed()
@@ -287,6 +287,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "strategy": app.strategy.value,
             }
             row.update(_release_state(app))
+            row.update(toolkit.status(app, st.main_pid))  # recycle, maintenance, pause, after_switch
             if app.multi_instance:
                 row["instances"] = _instances(app, sd)
                 row["live"] = [i["instance"] for i in row["instances"] if i["live"]]
@@ -309,6 +310,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"MainPID {i['main_pid']}, {i['workers']} workers")
             if r["status"]:
                 print(f"  {r['status']}")
+            for line in toolkit.status_lines(r):
+                print(line)
     bad = [r for r in rows if not r["service"].startswith("active")]
     return 1 if bad else 0
 
@@ -416,8 +419,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
     p.set_defaults(func=cmd_nginx_reload)
 
-    from . import verify
+    from . import toolkit, verify
 
     verify.add_parser(sub)
+    toolkit.add_parsers(sub)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import maintenance
 from .config import CHAINED_HOOKS, OWNED_SETTINGS, AppConfig
 
 UNIT_DIR = "/etc/systemd/system"
@@ -115,8 +116,12 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
             files.append(RenderedFile(f"{app.name}.socket", f"{UNIT_DIR}/{app.socket_unit}", get("socket.j2")))
         if app.setup.commands:
             files.append(RenderedFile(f"{app.name}-setup.service", f"{UNIT_DIR}/{app.setup_unit}", get("setup.j2")))
+        if app.max_worker_memory:
+            files += [RenderedFile(f"{app.name}-recycle.service", f"{UNIT_DIR}/{app.recycle_unit}", get("recycle.j2")),
+                      RenderedFile(f"{app.name}-recycle.timer", f"{UNIT_DIR}/{app.recycle_timer}",
+                                   get("recycle-timer.j2"))]
     files.append(RenderedFile(f"{app.name}.nginx.conf", f"{NGINX_SITE_DIR}/{app.name}.conf",
-                              get("nginx-site.j2", static=static_locations(app))))
+                              get("nginx-site.j2", static=static_locations(app), **maintenance.template_values())))
     files.append(RenderedFile("nginx.service.d/reloader.conf", NGINX_DROPIN,
                               env.get_template("nginx-dropin.j2").render(helper=app.helper)))
     return files
