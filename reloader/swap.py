@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc, releases, setup_commands
+from . import after_switch, proc, releases, setup_commands
 from .config import AppConfig
 from .engine import (
     Notifier,
@@ -115,10 +115,13 @@ class Swap:
                           f"run `reloader install` (it creates {self.app.state_dir} for the app user)")
             self.n.send("READY=1")
             return 1
+        # [setup] after_switch: the old generation has retired; a failure is reported, not rolled back.
+        failed = after_switch.run(self.app, self.release_dir, self.n)
         workers = len(self._ready_workers(master))  # seen ready now, not the configured count
         cost = self.report_cost()
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
-                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost})")
+                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost})"
+                      + (f"; after_switch failed: {failed}" if failed else ""))
         self.n.send("READY=1")
         self.n.barrier()
         return 0

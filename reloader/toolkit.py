@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from dataclasses import asdict
 
@@ -113,11 +114,13 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
 # --- status ---------------------------------------------------------------------------------------------
 def status(app: AppConfig, main_pid: int) -> dict:
     """The toolkit's part of ``reloader status --json`` for one app."""
-    from . import maintenance, recycle
+    from . import after_switch, maintenance, recycle
 
     out: dict = {"maintenance": maintenance.state(app)}
     if not app.multi_instance:
         out["recycle"] = recycle.status(app, main_pid)
+        out["after_switch"] = {"commands": [shlex.join(c) for c in app.setup.after_switch],
+                               "last": after_switch.last(app)} if app.setup.after_switch else None
     return out
 
 
@@ -128,6 +131,10 @@ def status_lines(row: dict) -> list[str]:
     if m.get("on"):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["since"])) if m.get("since") else "?"
         out.append(f"  MAINTENANCE ON since {since}: nginx answers 503, Retry-After {m.get('retry_after')}")
+    contract = (row.get("after_switch") or {}).get("last")
+    if contract and contract["result"] != "ok":
+        out.append(f"  after_switch FAILED for release {contract['release']} (it serves; not rolled back): "
+                   f"{contract['error']}")
     rec = row.get("recycle") or {}
     last = rec.get("last")
     if rec.get("max_worker_memory") or last:
