@@ -186,6 +186,8 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
             raise Failed(f"{app.service} is not loaded ({before.load_state}); run `reloader install`")
         if before.active_state != "active":
             raise Failed(f"{app.service} is {before.active_state}, not running: start it instead of deploying")
+        if os.path.exists(app.pause_flag):  # reloader.pause: the bake's health checks would be held too
+            raise Failed(f"{app.name} is paused; `reloader resume {app.name}` first, then deploy")
         pointed_before = ""
         if target:
             try:

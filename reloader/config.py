@@ -506,6 +506,16 @@ class AppConfig:
         return self.name.replace("-", "_")
 
     @property
+    def pausable(self) -> bool:
+        """`reloader pause` holds requests in the workers of a single master with a WSGI worker class."""
+        return not self.multi_instance and not self.asgi
+
+    @property
+    def pause_hook_path(self) -> str:
+        """reloader/pause_hook.py as installed next to the gunicorn config, which loads it in each worker."""
+        return str(CONFIG_DIR / f"{self.name}.pause_hook.py")
+
+    @property
     def pause_flag(self) -> str:
         """Present while the app is paused: its workers hold new requests (reloader.pause)."""
         return f"{self.runtime_dir}/paused"

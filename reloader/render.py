@@ -102,6 +102,9 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
 
     files = [RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path,
                           get("gunicorn.conf.py.j2", owned_settings=OWNED_SETTINGS, chained_hooks=CHAINED_HOOKS))]
+    if app.pausable:  # loaded by the gunicorn config in each worker (reloader.pause_hook)
+        files.append(RenderedFile(f"{app.name}.pause_hook.py", app.pause_hook_path,
+                                  Path(__file__).with_name("pause_hook.py").read_text(encoding="utf-8")))
     if app.multi_instance:
         files += [
             RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}", get("controller.j2")),

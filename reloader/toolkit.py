@@ -111,12 +111,42 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- pause / resume -------------------------------------------------------------------------------------
+def cmd_pause(args: argparse.Namespace) -> int:
+    """Hold NAME's new requests until `reloader resume` or --max seconds (reloader.pause)."""
+    from . import pause
+
+    app = registry.app_for(args.name)
+    seconds = pause.check(app, args.max)
+    pause.ready_for(app, _master(app))
+    flag = pause.pause(app, seconds)
+    print(f"{app.name}: paused: new requests wait (in-flight ones finish) until `reloader resume {app.name}`; "
+          f"after {flag['max']} s they are answered 503 with Retry-After {flag['retry_after']}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from . import pause
+
+    app = registry.app_for(args.name)
+    was = pause.resume(app)
+    if not was["paused"]:
+        print(f"{app.name}: was not paused")
+    else:
+        took = time.time() - (was.get("since") or time.time())
+        print(f"{app.name}: resumed after {took:.1f} s; held requests go on now"
+              + (" (it was past its maximum: requests got 503 since)" if was["past_max"] else ""))
+    return 0
+
+
 # --- status ---------------------------------------------------------------------------------------------
 def status(app: AppConfig, main_pid: int) -> dict:
     """The toolkit's part of ``reloader status --json`` for one app."""
-    from . import after_switch, maintenance, recycle
+    from . import after_switch, maintenance, pause, recycle
 
     out: dict = {"maintenance": maintenance.state(app)}
+    if app.pausable:
+        out["pause"] = pause.state(app)
     if not app.multi_instance:
         out["recycle"] = recycle.status(app, main_pid)
         out["after_switch"] = {"commands": [shlex.join(c) for c in app.setup.after_switch],
@@ -131,6 +161,11 @@ def status_lines(row: dict) -> list[str]:
     if m.get("on"):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["since"])) if m.get("since") else "?"
         out.append(f"  MAINTENANCE ON since {since}: nginx answers 503, Retry-After {m.get('retry_after')}")
+    paused = row.get("pause") or {}
+    if paused.get("paused"):
+        until = time.strftime("%H:%M:%S", time.localtime(paused["until"]))
+        out.append("  PAUSED: " + ("past its maximum, answering 503" if paused["past_max"] else
+                                   f"new requests wait (at most until {until})"))
     contract = (row.get("after_switch") or {}).get("last")
     if contract and contract["result"] != "ok":
         out.append(f"  after_switch FAILED for release {contract['release']} (it serves; not rolled back): "
@@ -169,3 +204,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-after", type=int, metavar="S", help="the Retry-After header, in seconds (default "
                    "300)")
     p.set_defaults(func=cmd_maintenance)
+
+    p = sub.add_parser("pause", help="NAME's new requests wait (in-flight ones finish) until `reloader resume`; "
+                       "past --max seconds they are answered 503 with Retry-After")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--max", type=int, metavar="S", help="the pause's maximum (default 30 s, at most nginx's "
+                   "proxy_read_timeout - 5)")
+    p.set_defaults(func=cmd_pause)
+
+    p = sub.add_parser("resume", help="end NAME's pause: the held requests are served")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_resume)
