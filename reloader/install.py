@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import probe, registry
+from . import maintenance, probe, registry
 from .bus import Systemd, client_wait
 from .config import STATE_DIR, AppConfig, ConfigError, load
 from .errors import Failed
@@ -257,6 +257,10 @@ def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "instal
         print(f"{app.name}: {done} (nginx.service not found: the site is written but not served)")
         return
     status = _http_status(app)
+    if status == 503 and maintenance.state(app)["on"]:  # reloader.maintenance: nginx answers for the app
+        print(f"{app.name}: {done}; maintenance is on, so nginx answers 503 (`reloader maintenance {app.name} "
+              "off` ends it)")
+        return
     if not app.health_ok(status):
         raise Failed(f"{app.name}: {done}, but {app.health_path} through nginx (Host: {app.health_host}) answered "
                      f"{status or 'nothing'}; see journalctl -u {app.service}")

@@ -173,18 +173,21 @@ class Recycler:
         self._signalled = time.monotonic()
 
 
-def recycle(app: AppConfig, master: int, *, surge: int = 0, memory: bool = False,
+def recycle(app: AppConfig, main_pid: Callable[[], int], *, surge: int = 0, memory: bool = False,
             say: Callable[[str], None] | None = None) -> Outcome:
-    """Recycle every worker of *master* (or, with *memory*, those above max_worker_memory and every older
-    one), under the reload lock. Records and returns the outcome; raises nothing for a failed recycle
-    (``outcome.result == "failed"``); :class:`reloader.engine.Refused` when a reload holds the lock
-    past ready_timeout."""
+    """Recycle every worker of the master (or, with *memory*, those above max_worker_memory and every older
+    one), under the reload lock. *main_pid* names the master once the lock is held: a reload that held it
+    meanwhile has replaced the master that ran when the recycle was asked for. Records and returns the
+    outcome; raises nothing for a failed recycle (``outcome.result == "failed"``);
+    :class:`reloader.engine.Refused` when a reload holds the lock too long."""
     say = say or (lambda text: print(f"reloader: {app.name}: {text}", file=sys.stderr, flush=True))
     surge = surge or app.recycle_surge
-    outcome = Outcome(trigger="memory" if memory else "command", master=master, workers=0, started=time.time())
+    outcome = Outcome(trigger="memory" if memory else "command", master=0, workers=0, started=time.time())
     began = time.monotonic()
     _lock_file(app)
-    with exclusive(Path(app.reload_lock), app.ready_timeout, Notifier(app.name), "reload (or recycle)"):
+    with exclusive(Path(app.reload_lock), app.ready_timeout + app.graceful_timeout, Notifier(app.name),
+                   "reload (or recycle)"):
+        master = outcome.master = main_pid()
         r = Recycler(app, master, say, surge=surge)
         try:
             if not proc.alive(master):

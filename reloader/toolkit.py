@@ -24,7 +24,8 @@ def _master(app: AppConfig) -> int:
 
     with Systemd() as sd:
         st = sd.state(app.service)
-    if not st.running or not st.main_pid:
+    # Reloading: a recycle then waits for the reload's lock and acts on the master it hands over to.
+    if not (st.running or st.active_state == "reloading") or not st.main_pid:
         raise Failed(f"{app.service} is {st.active_state}/{st.sub_state}, not running: nothing to act on")
     return st.main_pid
 
@@ -52,14 +53,13 @@ def cmd_recycle(args: argparse.Namespace) -> int:
 
         with Systemd() as sd:
             st = sd.state(app.service)
-        if not st.running:  # the timer of a stopped app: nothing to check
+        if not (st.running or st.active_state == "reloading"):  # the timer of a stopped app: nothing to check
             print(f"{app.name}: {app.service} is not running; nothing to recycle")
             return 0
-        master = st.main_pid
     else:
-        master = _master(app)
+        _master(app)  # running, or a clear error before waiting for the lock
     try:
-        outcome = recycle.recycle(app, master, surge=args.surge or 0, memory=args.over_memory)
+        outcome = recycle.recycle(app, lambda: _master(app), surge=args.surge or 0, memory=args.over_memory)
     except Refused as e:
         raise Failed(f"{app.name}: recycle not started: {e}") from None
     if args.json:
@@ -69,7 +69,8 @@ def cmd_recycle(args: argparse.Namespace) -> int:
     elif args.over_memory and not outcome.over_memory:
         print(f"{app.name}: no worker above max_worker_memory ({app.max_worker_memory})")
     else:
-        print(f"{app.name}: recycled {len(outcome.replaced)} worker(s) of master {master} in {outcome.seconds:.1f} s, "
+        print(f"{app.name}: recycled {len(outcome.replaced)} worker(s) of master {outcome.master} in "
+              f"{outcome.seconds:.1f} s, "
               f"never fewer than {outcome.workers} ready")
     if outcome.result != "ok":
         raise Failed(f"{app.name}: recycle failed: {outcome.error}")

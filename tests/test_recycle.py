@@ -147,3 +147,19 @@ def test_recycle_replaces_every_worker_surge_first_and_memory_hogs_the_same_way(
     journal = app.c.run("journalctl -u flaskapp-recycle --no-pager -o cat | grep -F max_worker_memory",
                         check=False).stdout
     assert f"{fat} (" in journal, journal
+
+    # Under the reload lock: a recycle asked for during a reload waits for it, then recycles the new master.
+    app.ship("v2", extra=HOG)
+    reload = app.c.popen(["systemctl", "reload", "flaskapp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while app.props()["ActiveState"] != "reloading" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert app.props()["ActiveState"] == "reloading"
+    r = app.c.run(["reloader", "recycle", "flaskapp", "--json"], check=False, timeout=300)
+    assert reload.wait(timeout=300) == 0
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    outcome = json.loads(r.stdout)
+    new_master = app.props()["MainPID"]
+    assert new_master != master and outcome["master"] == new_master, (master, new_master, outcome)
+    assert len(outcome["replaced"]) == 4 and len(app.ready_workers(new_master)) == 4, outcome
+    assert app.version() == "v2"

@@ -185,11 +185,13 @@ def when_ready(server):
 
 
 def _hold_while_paused(worker):
-    """`reloader pause`: requests wait while /run/flaskapp/paused exists (/etc/reloader/flaskapp.pause_hook.py)."""
+    """`reloader pause`: requests wait while /run/flaskapp/paused exists (the hook file below; without it
+    the worker serves unpaused, and `reloader pause` refuses)."""
     import runpy
 
-    worker.wsgi = runpy.run_path('/etc/reloader/flaskapp.pause_hook.py')["pausable"](worker.wsgi, worker,
-                                                                           '/run/flaskapp/paused')
+    hook = '/etc/reloader/flaskapp.pause_hook.py'
+    if os.path.exists(hook):
+        worker.wsgi = runpy.run_path(hook)["pausable"](worker.wsgi, worker, '/run/flaskapp/paused')
 
 
 def post_worker_init(worker):
