@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -174,3 +175,121 @@ def test_the_gunicorn_config_wraps_each_workers_app_with_the_pause_hook(tmp_path
     asgi = config.parse({**BASE, "gunicorn": {"worker_class": "uvicorn_worker.UvicornWorker"}})
     assert not asgi.pausable
     assert "_hold_while_paused" not in next(f.content for f in render(asgi) if f.name.endswith(".gunicorn.conf.py"))
+
+
+#: A stand-in for a gunicorn master (the arbiter's worker bookkeeping only): it runs NUM workers, TTIN/TTOU
+#: change NUM, TTOU retires the oldest (SIGTERM), a worker that exits is respawned while fewer than NUM
+#: run. A worker marks itself ready (READY/MASTER/worker-PID, like post_worker_init) after BOOT seconds.
+FAKE_MASTER = r"""
+import os, signal, sys, time
+ready, num, boot = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+workers = []  # oldest first
+directory = os.path.join(ready, str(os.getpid()))
+os.makedirs(directory, exist_ok=True)
+
+def spawn():
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, lambda *a: (os.unlink(marker) if os.path.exists(marker) else None,
+                                                   os._exit(0)))
+        marker = os.path.join(directory, f"worker-{os.getpid()}")
+        time.sleep(boot)
+        open(marker, "w").close()
+        while True:
+            time.sleep(1)
+    workers.append(pid)
+
+events = []
+for s in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+    signal.signal(s, lambda sig, frame: events.append(sig))
+for _ in range(num):
+    spawn()
+while True:
+    while events:
+        sig = events.pop(0)
+        if sig == signal.SIGTTIN:
+            num += 1
+        elif sig == signal.SIGTTOU and num > 1:
+            num -= 1
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if not pid:
+            break
+        workers.remove(pid)
+    while len(workers) < num:
+        spawn()
+    for pid in workers[: max(0, len(workers) - num)]:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.01)
+"""
+
+
+def fake_master(tmp_path: Path, workers: int, boot: float) -> subprocess.Popen:
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", FAKE_MASTER, str(tmp_path), str(workers), str(boot)],
+                         start_new_session=True)
+    deadline = time.monotonic() + 20
+    while len(list((tmp_path / str(p.pid)).glob("worker-*"))) < workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return p
+
+
+def stop(master: subprocess.Popen) -> None:
+    """The fake master and its workers: its own session, started by this test."""
+    os.killpg(master.pid, signal.SIGKILL)
+    master.wait()
+
+
+def test_recycling_starts_each_replacement_before_an_old_worker_retires_and_gives_back_what_it_added(
+        tmp_path: Path) -> None:
+    app = parse(reload={"ready_timeout": 3}, gunicorn={"graceful_timeout": 5})
+    master = fake_master(tmp_path, 3, boot=0.3)
+    try:
+        said: list[str] = []
+        r = recycle.Recycler(app, master.pid, said.append, surge=1)
+        r.ready_dir = tmp_path
+        before = r.workers()
+        assert len(before) == 3 and r.settle() == 3
+        samples: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append(len(r.ready()))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        retired = r.replace(before, 3)
+        done.set()
+        sampler.join()
+        assert retired == before and not set(r.workers()) & set(before)
+        assert len(r.ready()) == 3 and min(samples) >= 3 and max(samples) <= 4, samples
+        assert sum("starting 1 new (TTIN)" in line for line in said) == 3, said
+
+        # Replacements that do not load the app within ready_timeout: the recycle stops, and the worker
+        # it added is given back (TTOU), so the master runs 3 again.
+        slow = fake_master(tmp_path, 3, boot=30)
+        try:
+            stuck = recycle.Recycler(app, slow.pid, said.append, surge=1)
+            stuck.ready_dir = tmp_path
+            for pid in (slow.pid,):
+                (tmp_path / str(pid)).mkdir(exist_ok=True)
+            workers = stuck.workers()
+            for w in workers:  # the first three are "ready" (mark them by hand: boot is 30 s)
+                (tmp_path / str(slow.pid) / f"worker-{w}").touch()
+            with pytest.raises(recycle.RecycleFailed, match="did not load the app within ready_timeout"):
+                stuck.replace(workers, 3)
+            assert stuck.added == 0 and "giving back 1 added worker(s) (TTOU)" in said[-1], said
+            deadline = time.monotonic() + 5
+            while len(stuck.workers()) != 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(stuck.workers()) == 3
+        finally:
+            stop(slow)
+    finally:
+        stop(master)
