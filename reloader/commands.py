@@ -146,7 +146,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     release = args.release or os.path.realpath(app.working_directory)
     try:
         setup_commands.run(app, release, lambda text: print(f"reloader: {app.name}: {text}", file=sys.stderr,
-                                                            flush=True))
+                                                            flush=True), after_switch=args.after_switch)
     except setup_commands.SetupFailed as e:
         raise Failed(f"{app.name}: {e}") from None
     return 0
@@ -173,7 +173,7 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
     where it was if the reload refuses it (the operator's pointer never names a refused release).
     After a successful deploy of a release, keep_releases prunes the oldest release directories.
     Under the app's operator lock: not while an install rewrites its units, nor next to another deploy."""
-    from . import releases
+    from . import after_switch, releases
     from .bus import Systemd, client_wait
 
     tty = sys.stderr.isatty()
@@ -186,6 +186,8 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
             raise Failed(f"{app.service} is not loaded ({before.load_state}); run `reloader install`")
         if before.active_state != "active":
             raise Failed(f"{app.service} is {before.active_state}, not running: start it instead of deploying")
+        if os.path.exists(app.pause_flag):  # reloader.pause: the bake's health checks would be held too
+            raise Failed(f"{app.name} is paused; `reloader resume {app.name}` first, then deploy")
         pointed_before = ""
         if target:
             try:
@@ -202,7 +204,7 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
                 last[0] = elapsed
                 print(f"{app.name}: still reloading after {elapsed:.0f} s", file=sys.stderr, flush=True)
 
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         result = sd.reload_unit(app.service, timeout=args.timeout or wait, progress=progress)
         took = time.monotonic() - started
         if tty:
@@ -215,6 +217,11 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
             notes.append(f"current put back to {pointed_before}")
         if target and ok and not app.multi_instance:
             notes += [f"pruned {path}" for path in releases.prune(app, app.keep_releases)]
+        # [setup] after_switch failed after a successful switch: the release serves; exit 3 (reloader.after_switch).
+        contract = after_switch.last(app) if ok and app.setup.after_switch else None
+        contract_failed = bool(contract and contract["result"] == "failed" and contract["started"] >= started_wall)
+        if contract_failed:
+            notes.append(f"after_switch failed (the new release keeps serving, not rolled back): {contract['error']}")
     report = {
         "unit": app.service, "result": "success" if ok else "failed", "job": result,
         "reload_result": after.reload_result, "active_state": after.active_state, "sub_state": after.sub_state,
@@ -230,7 +237,7 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
         print(f"  status: {after.status_text}")
         for note in notes:
             print(f"  {note}")
-    return 0 if ok else 1
+    return (after_switch.EXIT_AFTER_SWITCH_FAILED if contract_failed else 0) if ok else 1
 
 
 def cmd_releases(args: argparse.Namespace) -> int:
@@ -278,7 +285,7 @@ def _print_analysis(record: dict | None, indent: str = "") -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import proc
+    from . import proc, toolkit
     from .bus import Systemd
 
     names = [args.name] if args.name else registry.managed()
@@ -297,6 +304,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "strategy": app.strategy.value,
             }
             row.update(_release_state(app))
+            row.update(toolkit.status(app, st.main_pid))  # recycle, maintenance, pause, after_switch
             if app.multi_instance:
                 row["instances"] = _instances(app, sd)
                 row["live"] = [i["instance"] for i in row["instances"] if i["live"]]
@@ -320,6 +328,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"MainPID {i['main_pid']}, {i['workers']} workers")
             if r["status"]:
                 print(f"  {r['status']}")
+            for line in toolkit.status_lines(r):
+                print(line)
     bad = [r for r in rows if not r["service"].startswith("active")]
     return 1 if bad else 0
 
@@ -378,6 +388,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "ExecStart=; the service's ExecReload= runs them on every deploy)")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--release", metavar="DIR", help="the release directory (default: working_directory resolved)")
+    p.add_argument("--after-switch", action="store_true", help="run the [setup] after_switch commands instead "
+                   "(e.g. again by hand after one failed; a deploy runs them once the old generation retired)")
     p.set_defaults(func=cmd_setup)
 
     for alias in ("deploy", "reload"):
@@ -428,8 +440,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
     p.set_defaults(func=cmd_nginx_reload)
 
-    from . import verify
+    from . import toolkit, verify
 
     verify.add_parser(sub)
+    toolkit.add_parsers(sub)
 
 

@@ -190,6 +190,9 @@ class SetupConfig:
     commands: tuple[tuple[str, ...], ...] = toml("setup", ())
     #: Seconds for all commands together; a command still running then is killed and the deploy refused.
     timeout: int = toml("setup", 300, kind="integer", low=1, high=86400)
+    #: Run once the old generation has retired (a "contract" migration the old code could not survive).
+    #: A failure is reported but leaves the new release serving: not a rollback (reloader.after_switch).
+    after_switch: tuple[tuple[str, ...], ...] = toml("setup", ())
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,12 @@ class AppConfig:
     #: gunicorn's access log, to the journal at priority debug. Off: nginx logs every request already, and a
     #: journal line per request costs throughput (docs/steady-state.md has the numbers).
     access_log: bool = toml("gunicorn", False, kind="boolean")
+    # Surge-first recycling (reloader.recycle): a worker whose RSS passes max_worker_memory ("512M"; ""
+    # off) is replaced, its replacement ready first; a timer (NAME-recycle.timer) checks every
+    # memory_check_interval seconds.
+    max_worker_memory: str = toml("gunicorn", "", kind="string", pattern=re.compile(r"\d{1,9}[kKmMgG]"),
+                                  allowed="a size like '512M', '2G' or '800000K'")
+    memory_check_interval: int = toml("gunicorn", 30, kind="integer", low=5, high=86400)
 
     # [reload]
     strategy: Strategy = toml("reload", Strategy.GENERATION)
@@ -289,6 +298,9 @@ class AppConfig:
     releases_root: str = toml("reload", "", kind="path")
     #: How many release directories `reloader deploy` keeps (the live and previous one always stay).
     keep_releases: int = toml("reload", 5, kind="integer", low=2, high=1000)
+    #: `reloader recycle`: how many workers are replaced at a time (each batch ready before it retires
+    #: as many old ones), so at most workers + recycle_surge run.
+    recycle_surge: int = toml("reload", 1, kind="integer", low=1, high=512)
 
     # [nginx], [setup], [analysis]
     nginx: NginxConfig = field(default_factory=NginxConfig)
@@ -487,6 +499,7 @@ class AppConfig:
         (deploy, verify, install, rollback) use this one number, so a long bake_seconds or many instances
         can never make a command give up on a reload that is still running."""
         setup = self.setup.timeout if self.setup.commands else 0
+        setup += self.setup.timeout if self.setup.after_switch else 0
         per_instance = self.ready_timeout + self.graceful_timeout + (60 if self.multi_instance else 30)
         return (self.preflight_timeout + setup + math.ceil(self.bake_limit)
                 + max(1, len(self.instance_names)) * per_instance)
@@ -505,6 +518,54 @@ class AppConfig:
     def setup_unit(self) -> str:
         """The oneshot unit ``install`` runs the setup commands in before the first start."""
         return f"{self.name}-setup.service"
+
+    # --- the operator toolkit (reloader.recycle, reloader.maintenance, reloader.pause) -----------------
+    @property
+    def max_worker_memory_bytes(self) -> int:
+        """max_worker_memory in bytes (0: off)."""
+        if not self.max_worker_memory:
+            return 0
+        unit = self.max_worker_memory[-1].lower()
+        return int(self.max_worker_memory[:-1]) * {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+
+    @property
+    def recycle_unit(self) -> str:
+        """The oneshot that recycles workers over max_worker_memory, started by its timer."""
+        return f"{self.name}-recycle.service"
+
+    @property
+    def recycle_timer(self) -> str:
+        return f"{self.name}-recycle.timer"
+
+    @property
+    def toolkit_dir(self) -> str:
+        """State of the operator commands (the last recycle, the after_switch result); root-owned."""
+        return f"{self.state_dir}/toolkit"
+
+    @property
+    def maintenance_dir(self) -> str:
+        """Maintenance mode: ``active`` is a symlink nginx reads per request (see reloader.maintenance)."""
+        return f"{self.state_dir}/maintenance"
+
+    @property
+    def nginx_var(self) -> str:
+        """The app's name as nginx variable names need it (no '-')."""
+        return self.name.replace("-", "_")
+
+    @property
+    def pausable(self) -> bool:
+        """`reloader pause` holds requests in the workers of a single master with a WSGI worker class."""
+        return not self.multi_instance and not self.asgi
+
+    @property
+    def pause_hook_path(self) -> str:
+        """reloader/pause_hook.py as installed next to the gunicorn config, which loads it in each worker."""
+        return str(CONFIG_DIR / f"{self.name}.pause_hook.py")
+
+    @property
+    def pause_flag(self) -> str:
+        """Present while the app is paused: its workers hold new requests (reloader.pause)."""
+        return f"{self.runtime_dir}/paused"
 
     @property
     def bin_dir(self) -> str:
@@ -764,6 +825,12 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         raise ConfigError(f"{source}: [setup] commands: not supported with strategy {strategy.value!r} yet (its "
                           "controller is not sandboxed as the app); run them from your deploy script, or use "
                           "strategy \"generation\"")
+    if setup.after_switch and not strategy.setup_commands:
+        raise ConfigError(f"{source}: [setup] after_switch: not supported with strategy {strategy.value!r} (its "
+                          "controller is not sandboxed as the app); use strategy \"generation\" or \"hup\"")
+    if values.get("max_worker_memory") and strategy.multi_instance:
+        gun.fail("max_worker_memory", f"not supported with strategy {strategy.value!r} yet (recycling works on "
+                 "the single master of \"generation\" and \"hup\")")
     analysis = _analysis(_Reader(source, "analysis", data.get("analysis", {})), strategy, values["workers"])
     return AppConfig(source=source, **values, nginx=nginx, setup=setup, analysis=analysis)
 
@@ -889,7 +956,28 @@ def _setup(setup: _Reader) -> SetupConfig:
             setup.fail("commands", "an empty command line")
         commands.append(tuple(words))
     setup.put("commands", tuple(commands))
+    setup.put("after_switch", _command_lines(setup, "after_switch", "[\"python manage.py migrate app 0042\"]"))
     return SetupConfig(**setup.rest())
+
+
+def _command_lines(setup: _Reader, key: str, example: str) -> tuple[tuple[str, ...], ...]:
+    import shlex
+
+    raw = setup.table.get(key, [])
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        setup.fail(key, f"must be a list of command lines like {example}, not {_show(raw)}")
+    out = []
+    for line in raw:
+        if _CONTROL.search(line):
+            setup.fail(key, f"{line!r} must not contain newlines or control characters")
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            setup.fail(key, f"{line!r} is not a valid command line ({e})")
+        if not words:
+            setup.fail(key, "an empty command line")
+        out.append(tuple(words))
+    return tuple(out)
 
 
 def _environment(app: _Reader) -> tuple[tuple[str, str], ...]:

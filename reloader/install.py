@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import probe, registry
+from . import maintenance, probe, registry
 from .bus import Systemd, client_wait
 from .config import STATE_DIR, AppConfig, ConfigError, load
 from .errors import Failed
@@ -190,6 +190,8 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
             if f.install_path in changed:
                 _write_atomic(Path(f.install_path), f.content, f.mode)
         units = [app.service] + ([app.socket_unit] if app.socket_activation and not app.multi_instance else [])
+        units += [app.recycle_timer] if app.max_worker_memory and not app.multi_instance else []
+        _stop_dropped_units(sd, app, units)
         manifest = {"name": app.name, "config": app.config_path, "installed": time.time(),
                     "files": {f.install_path: hashlib.sha256(f.content.encode()).hexdigest() for f in files},
                     "units": units}
@@ -213,6 +215,8 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
             _job_ok(app.service, sd.reload_unit(app.service, timeout=timeout), "reload")
         else:
             _job_ok(app.service, sd.start_unit(app.service, timeout=timeout), "start")
+        if app.recycle_timer in units:
+            _job_ok(app.recycle_timer, sd.start_unit(app.recycle_timer, timeout=60), "start")
         nginx = sd.state("nginx.service")
         # An nginx reload closes idle client keep-alive connections: only when nginx's files changed (or a
         # previous install never completed), not for a change of the app alone.
@@ -236,12 +240,27 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
     return 0
 
 
+def _stop_dropped_units(sd: Systemd, app: AppConfig, units: list[str]) -> None:
+    """Units the last install set up that this config no longer has (e.g. the recycle timer once
+    max_worker_memory is removed): stopped and disabled, so nothing runs for a setting that is gone."""
+    dropped = [u for u in registry.read_manifest(app.name).get("units", []) if u not in units]
+    for unit in dropped:
+        sd.stop_unit(unit, timeout=60)
+    if dropped:
+        sd.disable(dropped)
+        print(f"{app.name}: stopped and disabled {', '.join(dropped)} (no longer configured)")
+
+
 def _check_through_nginx(app: AppConfig, nginx_loaded: bool, done: str = "installed and running") -> None:
     """The last word of every install, even one that changed nothing: does the app answer through nginx?"""
     if not nginx_loaded:
         print(f"{app.name}: {done} (nginx.service not found: the site is written but not served)")
         return
     status = _http_status(app)
+    if status == 503 and maintenance.state(app)["on"]:  # reloader.maintenance: nginx answers for the app
+        print(f"{app.name}: {done}; maintenance is on, so nginx answers 503 (`reloader maintenance {app.name} "
+              "off` ends it)")
+        return
     if not app.health_ok(status):
         raise Failed(f"{app.name}: {done}, but {app.health_path} through nginx (Host: {app.health_host}) answered "
                      f"{status or 'nothing'}; see journalctl -u {app.service}")

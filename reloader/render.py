@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import maintenance
 from .config import CHAINED_HOOKS, OWNED_SETTINGS, AppConfig
 
 UNIT_DIR = "/etc/systemd/system"
@@ -106,6 +107,9 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
     files = [RenderedFile(f"{app.name}.gunicorn.conf.py", app.gunicorn_config_path,
                           get("gunicorn.conf.py.j2", owned_settings=OWNED_SETTINGS, chained_hooks=CHAINED_HOOKS,
                               default_access_log_format=GUNICORN_ACCESS_LOG_FORMAT))]
+    if app.pausable:  # loaded by the gunicorn config in each worker (reloader.pause_hook)
+        files.append(RenderedFile(f"{app.name}.pause_hook.py", app.pause_hook_path,
+                                  Path(__file__).with_name("pause_hook.py").read_text(encoding="utf-8")))
     if app.multi_instance:
         files += [
             RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}", get("controller.j2")),
@@ -120,8 +124,12 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
             files.append(RenderedFile(f"{app.name}.socket", f"{UNIT_DIR}/{app.socket_unit}", get("socket.j2")))
         if app.setup.commands:
             files.append(RenderedFile(f"{app.name}-setup.service", f"{UNIT_DIR}/{app.setup_unit}", get("setup.j2")))
+        if app.max_worker_memory:
+            files += [RenderedFile(f"{app.name}-recycle.service", f"{UNIT_DIR}/{app.recycle_unit}", get("recycle.j2")),
+                      RenderedFile(f"{app.name}-recycle.timer", f"{UNIT_DIR}/{app.recycle_timer}",
+                                   get("recycle-timer.j2"))]
     files.append(RenderedFile(f"{app.name}.nginx.conf", f"{NGINX_SITE_DIR}/{app.name}.conf",
-                              get("nginx-site.j2", static=static_locations(app))))
+                              get("nginx-site.j2", static=static_locations(app), **maintenance.template_values())))
     files.append(RenderedFile("nginx.service.d/reloader.conf", NGINX_DROPIN,
                               env.get_template("nginx-dropin.j2").render(helper=app.helper)))
     return files

@@ -42,27 +42,29 @@ def environment(app: AppConfig) -> dict[str, str]:
 
 
 def run(app: AppConfig, release_dir: str, status: Callable[[str], None],
-        tick: Callable[[], None] = lambda: None) -> None:
+        tick: Callable[[], None] = lambda: None, *, after_switch: bool = False) -> None:
     """Run every command in *release_dir*, in order, within ``[setup] timeout`` in total.
 
     *status* reports progress (STATUS= and the journal); *tick* is called about once a second while a
-    command runs (to extend systemd's timeout). Raises :class:`SetupFailed` at the first failure."""
+    command runs (to extend systemd's timeout). Raises :class:`SetupFailed` at the first failure.
+    *after_switch*: the ``[setup] after_switch`` commands instead (reloader.after_switch)."""
     deadline = time.monotonic() + app.setup.timeout
     env = environment(app)
-    for words in app.setup.commands:
+    what = "after_switch" if after_switch else "setup"
+    for words in app.setup.after_switch if after_switch else app.setup.commands:
         line = shlex.join(words)
-        status(f"setup: running {line} in {release_dir}")
-        tail = _run_one(words, line, release_dir, env, deadline, app.setup.timeout, tick)
-        status(f"setup: {line} done" + (f" ({tail})" if tail else ""))
+        status(f"{what}: running {line} in {release_dir}")
+        tail = _run_one(words, line, release_dir, env, deadline, app.setup.timeout, tick, what)
+        status(f"{what}: {line} done" + (f" ({tail})" if tail else ""))
 
 
 def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], deadline: float, budget: int,
-             tick: Callable[[], None]) -> str:
+             tick: Callable[[], None], what: str = "setup") -> str:
     try:
         p = subprocess.Popen(list(words), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
     except OSError as e:
-        raise SetupFailed(f"setup command {line!r} could not start: {e.strerror} ({words[0]})") from None
+        raise SetupFailed(f"{what} command {line!r} could not start: {e.strerror} ({words[0]})") from None
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     exception = [""]
 
@@ -70,7 +72,7 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
         assert p.stdout is not None
         for out in p.stdout:
             out = out.rstrip()
-            print(f"setup: {out}", file=sys.stderr, flush=True)  # the journal gets every line
+            print(f"{what}: {out}", file=sys.stderr, flush=True)  # the journal gets every line
             if out.strip():
                 tail.append(" ".join(out.split()))
                 if _EXCEPTION.match(out):
@@ -90,12 +92,12 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
                     p.kill()
                 p.wait()
                 reader.join(5)
-                raise SetupFailed(f"setup command {line!r} timed out ([setup] timeout = {budget} s)"
+                raise SetupFailed(f"{what} command {line!r} timed out ([setup] timeout = {budget} s)"
                                   + _tail(tail, exception[0])) from None
             tick()
     reader.join(5)
     if p.returncode != 0:
-        raise SetupFailed(f"setup command {line!r} failed with exit status {p.returncode}"
+        raise SetupFailed(f"{what} command {line!r} failed with exit status {p.returncode}"
                           + _tail(tail, exception[0]))
     return " | ".join(tail)[-200:]
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc, releases, setup_commands, traffic
+from . import after_switch, proc, releases, setup_commands, traffic
 from .config import AppConfig
 from .engine import (
     WARNING,
@@ -139,11 +139,14 @@ class Swap:
                           f"run `reloader install` (it creates {self.app.state_dir} for the app user)")
             self.n.send("READY=1")
             return 1
+        # [setup] after_switch: the old generation has retired; a failure is reported, not rolled back.
+        failed = after_switch.run(self.app, self.release_dir, self.n)
         workers = len(self._ready_workers(master))  # seen ready now, not the configured count
         cost = self.report_cost()
         verdict = f"; {self.analysis.outcome}" if self.analysis and self.analysis.outcome else ""
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
-                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost}){verdict}")
+                      f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost}){verdict}"
+                      + (f"; after_switch failed: {failed}" if failed else ""))
         self.n.send("READY=1")
         self.n.barrier()
         return 0

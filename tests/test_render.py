@@ -78,6 +78,7 @@ def one(text: str, section: str, key: str) -> str:
 def test_every_file_is_rendered_with_its_install_path(files):
     assert {name: f.install_path for name, f in files.items()} == {
         "flaskapp.gunicorn.conf.py": "/etc/reloader/flaskapp.gunicorn.conf.py",
+        "flaskapp.pause_hook.py": "/etc/reloader/flaskapp.pause_hook.py",
         "flaskapp.service": "/etc/systemd/system/flaskapp.service",
         "flaskapp.socket": "/etc/systemd/system/flaskapp.socket",
         "flaskapp.nginx.conf": "/etc/nginx/conf.d/flaskapp.conf",

@@ -197,9 +197,20 @@ def when_ready(server):
         pass
 
 
+def _hold_while_paused(worker):
+    """`reloader pause`: requests wait while /run/flaskapp/paused exists (the hook file below; without it
+    the worker serves unpaused, and `reloader pause` refuses)."""
+    import runpy
+
+    hook = '/etc/reloader/flaskapp.pause_hook.py'
+    if os.path.exists(hook):
+        worker.wsgi = runpy.run_path(hook)["pausable"](worker.wsgi, worker, '/run/flaskapp/paused')
+
+
 def post_worker_init(worker):
     """The worker has imported the app (not merely forked)."""
     _user_hook("post_worker_init", worker)
+    _hold_while_paused(worker)
     _mark(worker.ppid, f"worker-{worker.pid}", str(worker.pid))
     _wait_at_the_gate(worker)
 
