@@ -21,11 +21,13 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import Failed, UsageError
-from .loadgen import LoadConfig, LoadGenerator, Report
 from .probe import target_of, url_status
+
+if TYPE_CHECKING:  # the load generator is imported only by a verify run: systemd's hooks share this CLI
+    from .loadgen import LoadGenerator, Report
 
 #: Requests that start within this many seconds of the load starting are not part of the baseline
 #: (connection set-up, nginx upstream keep-alive warm-up).
@@ -186,6 +188,8 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
         raise Failed(f"{app.name}: {url} (Host {host or '-'}) answered "
                      f"{status if status else why} before any reload; fix the app first")
     timeout = client_wait(app.reload_budget)
+    from .loadgen import LoadConfig, LoadGenerator  # here, not at the top (see there)
+
     config = LoadConfig(url=url, concurrency=args.concurrency, keepalive_fraction=0.5,
                         timeout=args.timeout, long_requests=args.long, long_path=long_path, headers=headers,
                         strict_keepalive=args.strict_keepalive,

@@ -6,6 +6,9 @@ Host-side unit tests of the pure parts, then container tests with the example ap
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from appbed import App
@@ -102,3 +105,13 @@ def test_verify_reports_a_refused_reload_and_exits_non_zero(app: App) -> None:
     # The human-readable form says the same.
     r = app.c.run(["reloader", "verify", "flaskapp", "--reloads", "1", "--duration", "1"], check=False, timeout=300)
     assert r.returncode == 1 and "verify FAILED" in r.stdout and "nosuchmodule" in r.stdout, r.stdout
+
+
+def test_the_systemd_hooks_do_not_import_the_load_generator() -> None:
+    """exec-reload and exec-started run on every reload: the CLI they share with `reloader verify` must not
+    load the load generator on their way (it is imported by a verify run only)."""
+    code = ("import sys; from reloader import cli; cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith('reloader.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=str(Path(__file__).resolve().parent.parent))
+    assert "reloader.cli" in r.stdout and "reloader.loadgen" not in r.stdout, r.stdout
