@@ -228,6 +228,22 @@ def test_low_traffic_proceeds_saying_why_or_refuses(bed) -> None:
         b.look()
 
 
+def test_a_slow_canary_under_busy_traffic_is_waited_for_and_judged(bed) -> None:
+    """Seen in the test bed: a release adding 300 ms had served 4 requests when bake_seconds were over;
+    at its own pace it could not reach min_requests, but the traffic was there: it is slow, not idle."""
+    rng = random.Random(5)
+    a = bed.make()
+    publish(bed.ready, 100, 101, stats([rng.uniform(5, 40) for _ in range(300)]))
+    publish(bed.ready, 200, 201, stats([rng.uniform(300, 340) for _ in range(4)]))
+    bed.clock.t += 2.0
+    assert a.look() is False, "still judging"
+    publish(bed.ready, 100, 101, stats([rng.uniform(5, 40) for _ in range(1000)]))
+    publish(bed.ready, 200, 201, stats([rng.uniform(300, 340) for _ in range(20)]))
+    bed.clock.t += 5.0
+    with pytest.raises(Regression, match="answered slower"):
+        a.look()
+
+
 def test_an_old_generation_without_statistics_is_said_not_judged(bed) -> None:
     a = bed.make()
     publish(bed.ready, 200, 201, stats([5.0] * 300))
