@@ -36,7 +36,7 @@ appbed, testbed = rb.appbed, rb.testbed
 def run(b: rb.Bench, label: str, reloads: int) -> dict[str, Any]:
     result = b.run_method(label, rb.RELOAD, reloads)
     outcomes = []
-    lines = b.c.run("journalctl -u flaskapp -o cat --no-pager -n 20000 | grep -F 'serving release'",
+    lines = b.c.run("journalctl -u flaskapp -o cat --no-pager | grep -F 'serving release'",
                     check=False).stdout.splitlines()[-reloads:]
     for line in lines:
         m = re.search(r"traffic (passed) after ([\d.]+) s|(not enough traffic) to compare", line)
@@ -47,12 +47,38 @@ def run(b: rb.Bench, label: str, reloads: int) -> dict[str, Any]:
     return result
 
 
-def steady(b: rb.Bench, seconds: float) -> float:
-    """Requests per second through nginx with no deploy running: 4 clients on /, for *seconds*."""
+def steady(b: rb.Bench, seconds: float) -> tuple[float, float]:
+    """Requests per second through nginx with no deploy running (4 clients on /, for *seconds*), and
+    their median latency in ms."""
     load = b.start_load(4, 0)
     time.sleep(seconds)
     report, _ = b.stop_load(load)
-    return report["total"] / report["duration_s"]
+    return report["total"] / report["duration_s"], report["latency_ms"]["p50"]
+
+
+def hook_cost(calls: int = 200_000) -> float:
+    """Microseconds the rendered config's pre_request + post_request add to one request, on this host
+    (the example's config, called directly; every 0.5 s one publishes its file)."""
+    from types import SimpleNamespace
+
+    from reloader import config
+    from reloader.render import render
+
+    source = next(f.content for f in render(config.load(rb.ROOT / "examples" / "flaskapp.toml"))
+                  if f.name.endswith(".gunicorn.conf.py"))
+    ns: dict[str, Any] = {}
+    exec(compile(source, "gunicorn.conf.py", "exec"), ns)
+    import tempfile
+
+    ns["_READY_DIR"] = tempfile.mkdtemp()
+    worker, resp, pre, post = SimpleNamespace(pid=2, ppid=1), SimpleNamespace(status_code=200), \
+        ns["pre_request"], ns["post_request"]
+    started = time.perf_counter()
+    for _ in range(calls):
+        req = SimpleNamespace(path="/")
+        pre(worker, req)
+        post(worker, req, {}, resp)
+    return (time.perf_counter() - started) / calls * 1e6
 
 
 def main() -> int:
@@ -60,6 +86,7 @@ def main() -> int:
     p.add_argument("--reloads", type=int, default=20, help="good releases per mode (default 20)")
     p.add_argument("--out", default=str(HERE), help="directory for traffic_results.{md,json}")
     p.add_argument("--steady", type=float, default=10, help="seconds of each steady-state throughput run")
+    p.add_argument("--steady-rounds", type=int, default=3, help="alternating on/off steady-state runs (default 3)")
     args = p.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_before = Path("/proc/loadavg").read_text().split()[:3]
@@ -69,18 +96,24 @@ def main() -> int:
         if not app.wait_version("v1"):
             raise SystemExit("example app did not come up:\n" + app.journal(40))
         b = rb.Bench(c, app)
-        rps_on = [steady(b, args.steady)]
-        on = run(b, "analysis on (default)", args.reloads)
         config = c.read_file(appbed.EXAMPLE) + "\n[analysis]\nenabled = false\n"
         c.write_file("/root/no-analysis.toml", config)
+        on = run(b, "analysis on (default)", args.reloads) if args.reloads else None
         b.install("/root/no-analysis.toml")
-        rps_off = [steady(b, args.steady)]
-        off = run(b, "analysis off", args.reloads)
-        rps_off.append(steady(b, args.steady))
-        b.install(appbed.EXAMPLE)
-        rps_on.append(steady(b, args.steady))
+        off = run(b, "analysis off", args.reloads) if args.reloads else None
+        # Steady state, alternating without / with the statistics, so load from elsewhere on the host
+        # hits both alike.
+        steady_off, steady_on = [], []
+        for _ in range(args.steady_rounds):
+            b.install("/root/no-analysis.toml")
+            steady_off.append(steady(b, args.steady))
+            b.install(appbed.EXAMPLE)
+            steady_on.append(steady(b, args.steady))
+    rps_on, rps_off = [r for r, _ in steady_on], [r for r, _ in steady_off]
+    p50_off = statistics.median(p for _, p in steady_off)
+    per_request_us = hook_cost()
     rows = []
-    for m in (on, off):
+    for m in (on, off) if on and off else ():
         verdicts = [o["verdict"] for o in m["analysis"]]
         judged = [o["judged_s"] for o in m["analysis"] if o["judged_s"] is not None]
         shares = [o["share_pct"] for o in m["analysis"] if o["share_pct"] is not None]
@@ -93,7 +126,7 @@ def main() -> int:
             "canary_share_pct": [min(shares), round(statistics.median(shares), 1), max(shares)] if shares else None,
         })
     ratio = (on["median"]["command_s"] / off["median"]["command_s"]
-             if on["median"]["command_s"] and off["median"]["command_s"] else None)
+             if on and off and on["median"]["command_s"] and off["median"]["command_s"] else None)
     md = [f"Measured {started} (host load average {' '.join(load_before)}); {args.reloads} good releases per mode, "
           "same container and load (4 clients on /, 1 on /slow?s=1, through nginx), 4 workers, medians.", "",
           "| mode | deploys | refused (false) | time to new version (s) | command (s) | passed / not enough traffic "
@@ -105,15 +138,19 @@ def main() -> int:
                   f"| {r['passed']} / {r['not_enough_traffic']} | {r['judged_s_median'] or '-'} | {share} "
                   f"| {r['failed_requests']} |")
     md += ["", f"Command time with the analysis over without: {ratio:.2f} x." if ratio else ""]
-    on_rps, off_rps = statistics.mean(rps_on), statistics.mean(rps_off)
-    md += ["", f"Steady-state throughput (no deploy, 4 clients on /, {args.steady:g} s runs, on/off/off/on): with "
-           f"the request statistics {on_rps:.0f} req/s ({', '.join(f'{v:.0f}' for v in rps_on)}), without "
-           f"{off_rps:.0f} req/s ({', '.join(f'{v:.0f}' for v in rps_off)}): {on_rps / off_rps:.3f} x."]
+    on_rps, off_rps = statistics.median(rps_on), statistics.median(rps_off)
+    md += ["", f"Steady-state throughput (no deploy, 4 clients on /, {args.steady:g} s runs, alternating off/on): "
+           f"with the request statistics {on_rps:.0f} req/s (median of {', '.join(f'{v:.0f}' for v in rps_on)}), "
+           f"without {off_rps:.0f} req/s ({', '.join(f'{v:.0f}' for v in rps_off)}): {on_rps / off_rps:.3f} x.",
+           "", f"The hooks themselves (pre_request + post_request of the rendered config, called 200,000 times on "
+           f"the host): {per_request_us:.2f} us per request, {per_request_us / 1000 / p50_off * 100:.3f} % of the "
+           f"median request latency without them ({p50_off:.1f} ms)."]
     text = "\n".join(md) + "\n"
     out = Path(args.out)
     (out / "traffic_results.md").write_text(text)
-    modes = [{k: v for k, v in m.items() if k != "first_reload_records"} for m in (on, off)]
-    doc = {"started": started, "rows": rows, "steady_rps": {"on": rps_on, "off": rps_off}, "modes": modes}
+    modes = [{k: v for k, v in m.items() if k != "first_reload_records"} for m in (on, off) if m]
+    doc = {"started": started, "rows": rows, "steady_rps": {"on": rps_on, "off": rps_off},
+           "hook_us_per_request": per_request_us, "modes": modes}
     (out / "traffic_results.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(text)
     return 0

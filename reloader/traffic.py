@@ -274,8 +274,14 @@ class Analysis:
         new, old = self.measure()
         enough = new.requests >= a.min_requests and old.requests >= MIN_LOOK
         final = self.seconds >= bake and enough
-        # Past bake_seconds, give up on traffic that cannot reach min_requests by the limit at its pace.
-        pace = new.requests / self.seconds if self.seconds > 0 else 0.0
+        # Past bake_seconds, give up on traffic that cannot reach min_requests by the limit: at the pace of
+        # all requests times the canary's expected share (canary / (canary + old workers)), or its own if
+        # higher. Not at the canary's own pace alone: a slow canary takes fewer requests, which is no
+        # reason to stop judging it.
+        pace = 0.0
+        if self.seconds > 0:
+            expected = self.canary / (self.canary + self.app.workers)
+            pace = max(new.requests, (new.requests + self.old_since_open) * expected) / self.seconds
         hopeless = self.seconds >= bake and new.requests + pace * (self.limit - self.seconds) < a.min_requests
         blind = self.seconds >= bake and not self.old_published and new.requests > 0
         out_of_time = self.seconds >= self.limit or hopeless or blind

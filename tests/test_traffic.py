@@ -228,6 +228,22 @@ def test_low_traffic_proceeds_saying_why_or_refuses(bed) -> None:
         b.look()
 
 
+def test_a_slow_canary_under_busy_traffic_is_waited_for_and_judged(bed) -> None:
+    """Seen in the test bed: a release adding 300 ms had served 4 requests when bake_seconds were over;
+    at its own pace it could not reach min_requests, but the traffic was there: it is slow, not idle."""
+    rng = random.Random(5)
+    a = bed.make()
+    publish(bed.ready, 100, 101, stats([rng.uniform(5, 40) for _ in range(300)]))
+    publish(bed.ready, 200, 201, stats([rng.uniform(300, 340) for _ in range(4)]))
+    bed.clock.t += 2.0
+    assert a.look() is False, "still judging"
+    publish(bed.ready, 100, 101, stats([rng.uniform(5, 40) for _ in range(1000)]))
+    publish(bed.ready, 200, 201, stats([rng.uniform(300, 340) for _ in range(20)]))
+    bed.clock.t += 5.0
+    with pytest.raises(Regression, match="answered slower"):
+        a.look()
+
+
 def test_an_old_generation_without_statistics_is_said_not_judged(bed) -> None:
     a = bed.make()
     publish(bed.ready, 200, 201, stats([5.0] * 300))
@@ -271,11 +287,20 @@ def test_the_hooks_publish_what_the_helper_reads_at_most_every_half_second(tmp_p
     ns["_PUBLISHED"][0] = 0.0  # as if 0.5 s passed: the next request publishes
     req = SimpleNamespace(path="/")
     ns["pre_request"](worker, req)
-    ns["post_request"](worker, req, {}, None)  # the app raised before answering: a 500
-    assert len(writes) <= 3, writes  # not a write per request
+    ns["post_request"](worker, req, {}, SimpleNamespace(status_code=None))  # the app raised: gunicorn sends 500
+    # gunicorn's asgi worker: resp.status (an int), or no resp at all without its access log.
+    for resp in (SimpleNamespace(status=503), SimpleNamespace(status=200), None):
+        req = SimpleNamespace(path="/")
+        ns["pre_request"](worker, req)
+        ns["post_request"](worker, req, None, resp)
+    ns["_PUBLISHED"][0] = 0.0
+    req = SimpleNamespace(path="/")
+    ns["pre_request"](worker, req)
+    ns["post_request"](worker, req, {}, SimpleNamespace(status_code=200))
+    assert len(writes) <= 4, writes  # not a write per request
     got = traffic.read_workers(tmp_path, 10)[11]
-    assert got.requests == 1801 and got.errors == 501
-    assert sum(got.latency.values()) == 1801 and got.percentile(0.99) < 50
+    assert got.requests == 1805 and got.errors == 502
+    assert sum(got.latency.values()) == 1805 and got.percentile(0.99) < 50
 
 
 def test_a_users_post_request_hook_is_chained_whatever_its_arity(tmp_path: Path) -> None:

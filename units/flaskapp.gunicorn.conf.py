@@ -285,9 +285,12 @@ def post_request(worker, req, environ, resp):
     started = getattr(req, "reloader_started", 0.0)
     if not started or req.path == _HEALTH:
         return
-    now, stats, status = time.monotonic(), _STATS, getattr(resp, "status_code", None)
+    # WSGI: resp.status_code, None when the app raised before answering (gunicorn sends a 500); the asgi
+    # worker: resp.status, and no resp at all without its access log (then no status is known).
+    status = resp.status_code if hasattr(resp, "status_code") else getattr(resp, "status", 0)
+    now, stats = time.monotonic(), _STATS
     stats["requests"] += 1
-    stats["5xx"] += status is None or status >= 500  # None: the app raised before answering; gunicorn sends 500
+    stats["5xx"] += status is None or str(status)[:1] == "5"
     bucket = int(math.log2(1 + (now - started) * 1e6) * 4)
     stats["latency"][bucket] = stats["latency"].get(bucket, 0) + 1
     if now - _PUBLISHED[0] >= _PUBLISH_EVERY[0]:
