@@ -282,21 +282,40 @@ def point_current(app: AppConfig, release_dir: str) -> str:
 
 
 def prune(app: AppConfig, keep: int) -> list[str]:
-    """Remove the oldest release directories beyond *keep*; never the live, previous or current one."""
+    """Remove release directories beyond *keep*, the least useful first (:func:`prune_order`); never the
+    live, previous or current one. Deploy and rollback both call this after a release went live."""
     records = read(app)
     protected = {r.release for r in (records.live, records.previous) if r} | {resolve_current(app)}
-    rows = listing(app)
     removed = []
-    for row in rows[keep:]:
-        if row["path"] in protected:
+    for path in prune_order(app, records, listing(app))[keep:]:
+        if path in protected:
             continue
-        shutil.rmtree(row["path"])
-        removed.append(row["path"])
+        shutil.rmtree(path)
+        removed.append(path)
     if removed:
         _save(app, Records(records.live, records.previous,
                            {d: r for d, r in records.refused.items() if d not in removed},
                            tuple(p for p in records.proven if p not in removed)))
     return removed
+
+
+def prune_order(app: AppConfig, records: Records, rows: list[dict]) -> list[str]:
+    """Every release directory, the one to keep longest first: the live, previous and current ones, then
+    the proven releases by when they last went live (newest first: what a rollback may still name), then
+    those never tried (newest first: maybe staged for the next deploy), and last the refused ones, which a
+    rollback can never deploy. Pruning by age alone kept refused releases and deleted rollback targets."""
+    protected = [r.release for r in (records.live, records.previous) if r] + [resolve_current(app)]
+    on_disk = [row["path"] for row in rows]  # newest first
+    proven = [p for p in reversed(records.proven) if p in on_disk]
+    tried = set(proven) | set(records.refused)
+    never = [p for p in on_disk if p not in tried]
+    refused = sorted((p for p in on_disk if p in records.refused), key=lambda p: records.refused[p].time,
+                     reverse=True)
+    order: list[str] = []
+    for path in protected + proven + never + refused:
+        if path in on_disk and path not in order:
+            order.append(path)
+    return order
 
 
 def _age_key(path: Path) -> tuple[float, str]:
