@@ -66,12 +66,32 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             print("check: nginx not found; nginx site not tested", file=sys.stderr)
     problems.extend(_check_virtualenv(app))
+    sandboxed = "" if problems else _check_in_sandbox(app, problems)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
         raise Failed(f"{args.config}: {len(problems)} problem(s) in the rendered files")
-    print(f"{args.config}: ok ({len(files)} files render and verify)")
+    print(f"{args.config}: ok ({len(files)} files render and verify{sandboxed})")
     return EXIT_OK
+
+
+def _check_in_sandbox(app: AppConfig, problems: list[str]) -> str:
+    """The first start's pre-flight in the unit's sandbox (reloader.firststart), when this host can run
+    it; returns what was checked, for the ok line (or says on stderr why it was not)."""
+    from . import firststart
+
+    why_not = firststart.unavailable(app)
+    if why_not:
+        print(f"check: the app was not pre-flighted in its sandbox: {why_not}", file=sys.stderr)
+        return ""
+    import_only = bool(app.setup.commands)  # the health path may need the setup commands' migrations
+    try:
+        status = firststart.preflight(app, import_only=import_only)
+    except Failed as e:
+        problems.append(str(e))
+        return ""
+    return (f"; {app.wsgi} imports in {app.service}'s sandbox as {app.user}" if import_only else
+            f"; in {app.service}'s sandbox as {app.user}, {app.health_path} answers {status}")
 
 
 def _check_virtualenv(app: AppConfig) -> list[str]:
