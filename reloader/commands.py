@@ -128,8 +128,34 @@ def cmd_install(args: argparse.Namespace) -> int:
     """Render CONFIG, install its files and units, start or reload it, check it through nginx (reloader.install)."""
     from . import install
 
+    if getattr(args, "from_source", None):
+        return _install_from(args)
     return install.install(args.config, dry_run=args.dry_run, allow_restart=args.restart,
                            notify_reload=args.notify_reload)
+
+
+def _install_from(args: argparse.Namespace) -> int:
+    """``install CONFIG --from SRC``: build the next release (reloader.build), point current at it, install.
+    If the install fails, current points where it did before (nothing of the new release goes live)."""
+    from . import build, install
+
+    app = load(args.config)
+    if args.dry_run:
+        raise ConfigError("--from with --dry-run: a dry run builds nothing; drop one of them")
+    if os.geteuid() == 0:
+        install._ensure_user(app)
+    target = build.make_release(app, args.from_source)
+    before = build.point_current(app, target)
+    print(f"{app.name}: current -> {target}")
+    try:
+        return install.install(args.config, allow_restart=args.restart, notify_reload=args.notify_reload)
+    except BaseException:
+        if before is not None:
+            from . import releases
+
+            releases.point_current(app, before)
+            print(f"{app.name}: current put back to {before}", file=sys.stderr)
+        raise
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
@@ -159,6 +185,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from . import releases
 
     app = registry.app_for(args.name)
+    if getattr(args, "from_source", None):
+        from . import build
+
+        if args.release:
+            raise ConfigError("--from and --release: deploy either a new release built from a source or an "
+                              "existing release directory")
+        return _deploy(app, args, build.make_release(app, args.from_source))
     if not getattr(args, "release", None):
         return _deploy(app, args)
     try:
@@ -349,6 +382,11 @@ def _instances(app: AppConfig, sd: object) -> list[dict]:
     return out
 
 
+FROM_HELP = ("build a new release RELEASES_ROOT/N from SRC (a directory, a tarball, a git ref of the current "
+             "directory's repository or REPO_DIR@REF) with the [build] steps, then deploy it; a failed build "
+             "leaves nothing behind")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("install", help="render CONFIG, install its units and nginx site, start or reload it")
     p.add_argument("config", metavar="CONFIG")
@@ -360,6 +398,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true",
                    help="restart the running service when a change needs it (writable paths, user): a reload "
                    "cannot apply those; with socket_activation the socket holds connections meanwhile")
+    p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
     p.set_defaults(func=cmd_install)
 
     p = sub.add_parser("setup", help="run the [setup] commands of CONFIG in a release (NAME-setup.service's "
@@ -376,6 +415,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true")
         p.add_argument("--release", metavar="DIR", help="point current at DIR (a directory in the releases root) "
                        "and deploy it; current is put back if DIR is refused")
+        p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
         p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("releases", help="NAME's releases: live, previous, refused (why, when), never tried")

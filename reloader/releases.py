@@ -37,6 +37,11 @@ PER_PROCESS_ENV = ("MAINPID", "SYSTEMD_EXEC_PID", "JOURNAL_STREAM", "LISTEN_FDS"
                    "GUNICORN_PID", "GUNICORN_FD")
 
 
+#: In a release directory while ``reloader deploy --from`` builds it (reloader.build): not a release yet,
+#: so neither listed nor pruned.
+BUILDING = ".reloader-building"
+
+
 class BadRelease(Exception):
     """A release given by the operator cannot be deployed; the message is the one line to print."""
 
@@ -235,7 +240,7 @@ def listing(app: AppConfig) -> list[dict]:
     root = Path(releases_root(app))
     rows = []
     try:
-        dirs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+        dirs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not (p / BUILDING).exists()]
     except OSError:
         dirs = []
     for d in sorted(dirs, key=_age_key, reverse=True):

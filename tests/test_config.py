@@ -106,8 +106,8 @@ def case(id: str, where: str, fragment: str, app: dict[str, Any] | None = None, 
 REJECTIONS = [
     # sections and keys
     case("typo-section", "[gunicron]", "unknown section; did you mean [gunicorn]?", gunicron={}),
-    case("unknown-section", "[database]", "unknown section; known sections: app, build, gunicorn, hooks, metrics, nginx, reload, setup",
-         database={}),
+    case("unknown-section", "[database]",
+         "unknown section; known sections: app, build, gunicorn, hooks, metrics, nginx, reload, setup", database={}),
     pytest.param({"gunicorn": {}}, "[app]", "missing section", id="no-app-section"),
     pytest.param({"app": "myapp"}, "[app]", "must be a table ([app]), not str", id="app-not-a-table"),
     case("gunicorn-not-a-table", "[gunicorn]", "must be a table", gunicorn=[1]),
