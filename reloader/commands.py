@@ -158,6 +158,16 @@ def _install_from(args: argparse.Namespace) -> int:
         raise
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented TOML for an existing app's checkout (reloader.init); never overwrites."""
+    from . import init
+
+    path = init.init(args.directory, args.output or "", args.name or "")
+    print(f"wrote {path}: review it, then `reloader check {path}` and `reloader install {path} --from "
+          f"{args.directory}`")
+    return 0
+
+
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from . import install
 
@@ -400,6 +410,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "cannot apply those; with socket_activation the socket holds connections meanwhile")
     p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("init", help="detect a Flask/Django/FastAPI app in DIR (default .) and write a commented "
+                       "TOML for it (release layout, state_directory, build and setup steps); never overwrites")
+    p.add_argument("directory", metavar="DIR", nargs="?", default=".")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write (default: NAME.toml here)")
+    p.add_argument("--name", help="the app's name (default: DIR's name)")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("setup", help="run the [setup] commands of CONFIG in a release (NAME-setup.service's "
                        "ExecStart=; the service's ExecReload= runs them on every deploy)")
