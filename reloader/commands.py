@@ -90,7 +90,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         except releases.BadRelease as e:
             raise ConfigError(f"rollback: {e}") from None
         print(f"{app.name}: rolling back to {target}")
-        return _deploy(app, argparse.Namespace(timeout=0, json=False), target)
+        return _deploy(app, argparse.Namespace(timeout=0, json=False), target, action="rollback")
     lock = Path(app.deploy_lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f, Systemd() as sd:
@@ -211,12 +211,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return _deploy(app, args, target)
 
 
-def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
+def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "", action: str = "deploy") -> int:
     """The reload job over D-Bus; with *target*, current points at it for the reload and is put back
     where it was if the reload refuses it (the operator's pointer never names a refused release).
     After a successful deploy of a release, keep_releases prunes the oldest release directories.
-    Under the app's operator lock: not while an install rewrites its units, nor next to another deploy."""
-    from . import releases
+    Under the app's operator lock: not while an install rewrites its units, nor next to another deploy.
+    The outcome is recorded with its performer, logged, measured and handed to the [hooks] (reloader.hooks)."""
+    from . import hooks, releases
     from .bus import Systemd, client_wait
 
     tty = sys.stderr.isatty()
@@ -229,6 +230,7 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
             raise Failed(f"{app.service} is not loaded ({before.load_state}); run `reloader install`")
         if before.active_state != "active":
             raise Failed(f"{app.service} is {before.active_state}, not running: start it instead of deploying")
+        records_before = releases.read(app)
         pointed_before = ""
         if target:
             try:
@@ -258,6 +260,7 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
             notes.append(f"current put back to {pointed_before}")
         if target and ok and not app.multi_instance:
             notes += [f"pruned {path}" for path in releases.prune(app, app.keep_releases)]
+        notes += hooks.after(app, hooks.outcome(app, action, ok, after.status_text, took, records_before, target))
     report = {
         "unit": app.service, "result": "success" if ok else "failed", "job": result,
         "reload_result": after.reload_result, "active_state": after.active_state, "sub_state": after.sub_state,

@@ -70,6 +70,10 @@ class Records:
     refused: dict[str, Refusal] = field(default_factory=dict)
     #: Every release that was ever live (passed a reload or the first start): what rollback may name.
     proven: tuple[str, ...] = ()
+    #: The last deploys and rollbacks reloader's commands ran (reloader.hooks): who, what, the outcome.
+    history: tuple[dict, ...] = ()
+    #: Deploys by "ACTION/RESULT" since the app was installed (the Prometheus counters).
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -92,7 +96,9 @@ def read(app: AppConfig) -> Records:
     refused = {d: Refusal(str(r.get("reason", "")), float(r.get("time", 0)))
                for d, r in (data.get("refused") or {}).items() if isinstance(r, dict)}
     proven = tuple(p for p in data.get("proven") or () if isinstance(p, str))
-    return Records(entry(data.get("live")), entry(data.get("previous")), refused, proven)
+    history = tuple(h for h in data.get("history") or () if isinstance(h, dict))
+    counts = {k: int(v) for k, v in (data.get("counts") or {}).items() if isinstance(v, int)}
+    return Records(entry(data.get("live")), entry(data.get("previous")), refused, proven, history, counts)
 
 
 def resolve_current(app: AppConfig) -> str:
@@ -135,7 +141,7 @@ def record_live(app: AppConfig, release: Release) -> Records:
     refused = {d: r for d, r in old.refused.items() if d != release.release}
     proven = tuple(p for p in old.proven if p != release.release) + (release.release,)
     new = Records(Release(release.release, release.virtualenv, release.since or time.time()), previous, refused,
-                  proven)
+                  proven, old.history, old.counts)
     _save(app, new)
     return new
 
@@ -144,7 +150,7 @@ def record_refused(app: AppConfig, release_dir: str, reason: str) -> Records:
     old = read(app)
     refused = dict(old.refused)
     refused[release_dir] = Refusal(reason, time.time())
-    new = Records(old.live, old.previous, refused, old.proven)
+    new = Records(old.live, old.previous, refused, old.proven, old.history, old.counts)
     _save(app, new)
     return new
 
@@ -153,7 +159,8 @@ def _save(app: AppConfig, records: Records) -> None:
     state = Path(app.state_dir)
     data = {"live": asdict(records.live) if records.live else None,
             "previous": asdict(records.previous) if records.previous else None,
-            "refused": {d: asdict(r) for d, r in records.refused.items()}, "proven": list(records.proven)}
+            "refused": {d: asdict(r) for d, r in records.refused.items()}, "proven": list(records.proven),
+            "history": list(records.history), "counts": records.counts}
     write_atomic(records_path(app), json.dumps(data, indent=2) + "\n", 0o644)
     for name, entry in (("live", records.live), ("previous", records.previous)):
         link = state / name
@@ -164,6 +171,17 @@ def _save(app: AppConfig, records: Records) -> None:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(entry.release)
         os.replace(tmp, link)
+
+
+def record_outcome(app: AppConfig, outcome: dict, keep: int = 100) -> Records:
+    """Append a deploy's or rollback's outcome (reloader.hooks) to the history, count it by action/result."""
+    old = read(app)
+    counts = dict(old.counts)
+    key = f"{outcome['action']}/{outcome['result']}"
+    counts[key] = counts.get(key, 0) + 1
+    new = Records(old.live, old.previous, old.refused, old.proven, (old.history + (outcome,))[-keep:], counts)
+    _save(app, new)
+    return new
 
 
 def write_atomic(path: Path, content: str, mode: int) -> None:
@@ -300,7 +318,7 @@ def prune(app: AppConfig, keep: int) -> list[str]:
     if removed:
         _save(app, Records(records.live, records.previous,
                            {d: r for d, r in records.refused.items() if d not in removed},
-                           tuple(p for p in records.proven if p not in removed)))
+                           tuple(p for p in records.proven if p not in removed), records.history, records.counts))
     return removed
 
 
