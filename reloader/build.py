@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,21 +64,27 @@ def make_release(app: AppConfig, source: str, say: Callable[[str], None] = print
     root.mkdir(parents=True, exist_ok=True)
     target = _new_dir(root)
     started = time.monotonic()
+    # HOME for the build's tools (pip's cache, npm's): theirs, never the release, gone afterwards.
+    home = Path(tempfile.mkdtemp(prefix=f"reloader-build-{app.name}-"))
+    os.chown(home, user.pw_uid, gid)
     try:
         (target / BUILDING).write_text(f"{os.getpid()}\n")
         what = _fill(target, source, app)
         say(f"{app.name}: release {target.name} from {what}")
         _chown(target, user.pw_uid, gid)
         deadline = time.monotonic() + app.build.timeout
+        run_as = (user, gid, home)
         if app.build.requirements:
-            _virtualenv(app, target, user, gid, deadline, say)
+            _virtualenv(app, target, run_as, deadline, say)
         for words in app.build.commands:
-            _run(app, target, list(words), user, gid, deadline, say)
+            _run(app, target, list(words), run_as, deadline, say)
         _chown(target, 0, 0)
         (target / BUILDING).unlink()
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     say(f"{app.name}: built release {target.name} in {time.monotonic() - started:.1f} s")
     return str(target)
 
@@ -183,7 +190,7 @@ def _chown(top: Path, uid: int, gid: int) -> None:
             os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
-def environment(app: AppConfig, target: Path, user: pwd.struct_passwd) -> dict[str, str]:
+def environment(app: AppConfig, target: Path, user: pwd.struct_passwd, home: Path) -> dict[str, str]:
     """The operator's environment (so pip keeps its configuration: PIP_INDEX_URL, PIP_FIND_LINKS, …),
     the app's, and its virtualenv first on PATH as if activated."""
     env = dict(os.environ)
@@ -196,7 +203,7 @@ def environment(app: AppConfig, target: Path, user: pwd.struct_passwd) -> dict[s
     env["PATH"] = f"{venv + '/bin' if venv else app.bin_dir}:{env.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}"
     if venv or app.virtualenv:
         env["VIRTUAL_ENV"] = venv or app.virtualenv
-    env.update(HOME=str(target), USER=user.pw_name, LOGNAME=user.pw_name, RELOADER_RELEASE=str(target))
+    env.update(HOME=str(home), USER=user.pw_name, LOGNAME=user.pw_name, RELOADER_RELEASE=str(target))
     for key in ("SUDO_COMMAND", "SUDO_UID", "SUDO_GID", "MAIL"):
         env.pop(key, None)
     return env
@@ -210,8 +217,10 @@ def _venv_in(app: AppConfig, target: Path) -> str:
     return ""
 
 
-def _virtualenv(app: AppConfig, target: Path, user: pwd.struct_passwd, gid: int, deadline: float,
-                say: Callable[[str], None]) -> None:
+RunAs = tuple[pwd.struct_passwd, int, Path]  #: the app's user, its group id, the build's HOME
+
+
+def _virtualenv(app: AppConfig, target: Path, run_as: RunAs, deadline: float, say: Callable[[str], None]) -> None:
     venv = _venv_in(app, target)
     if not venv:
         raise BuildFailed(f"[build] requirements: [app] virtualenv {app.virtualenv or '(unset)'} is not inside the "
@@ -219,20 +228,21 @@ def _virtualenv(app: AppConfig, target: Path, user: pwd.struct_passwd, gid: int,
                           "its own")
     if not (target / app.build.requirements).is_file():
         raise BuildFailed(f"[build] requirements: {app.build.requirements} is not in the release")
-    _run(app, target, ["python3", "-m", "venv", venv], user, gid, deadline, say)
+    _run(app, target, ["python3", "-m", "venv", venv], run_as, deadline, say)
     _run(app, target, [f"{venv}/bin/pip", "install", "--disable-pip-version-check", "-r",
-                       str(target / app.build.requirements)], user, gid, deadline, say)
+                       str(target / app.build.requirements)], run_as, deadline, say)
 
 
-def _run(app: AppConfig, target: Path, words: list[str], user: pwd.struct_passwd, gid: int, deadline: float,
+def _run(app: AppConfig, target: Path, words: list[str], run_as: RunAs, deadline: float,
          say: Callable[[str], None]) -> None:
+    user, gid, home = run_as
     line = shlex.join(words)
     say(f"{app.name}: build: {line}")
     left = deadline - time.monotonic()
     if left <= 0:
         raise BuildFailed(f"build command {line!r} not started: [build] timeout = {app.build.timeout} s is used up")
     try:
-        r = subprocess.run(words, cwd=target, env=environment(app, target, user), stdin=subprocess.DEVNULL,
+        r = subprocess.run(words, cwd=target, env=environment(app, target, user, home), stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                            timeout=left, user=user.pw_uid, group=gid, extra_groups=[], umask=0o022,
                            start_new_session=True)
