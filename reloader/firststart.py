@@ -55,7 +55,9 @@ def properties(app: AppConfig) -> list[str]:
         props.append(f"EnvironmentFile={app.environment_file}")
     for line in sandbox(app).splitlines():
         line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
+        # Not RemoveIPC=: when the pre-flight's unit stops it would remove the IPC objects of the app's
+        # user, which the running service (`reloader check` next to it) may be using.
+        if line and not line.startswith(("#", "RemoveIPC=")) and "=" in line:
             props.append(line.replace("%%", "%"))
     return props
 

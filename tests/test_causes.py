@@ -102,4 +102,5 @@ def test_the_sandboxed_preflight_runs_with_the_units_identity_environment_and_sa
                      "--property=ReadWritePaths=/srv/data%1", "--property=NoNewPrivileges=yes"):
         assert expected in cmd, expected
     assert not any("/var/lib/reloader" in word for word in cmd), "reloader's records are not the app's to write"
+    assert not any("RemoveIPC" in word for word in cmd), "would remove the running service's IPC objects"
     assert cmd[cmd.index("--") + 1:] == ["/srv/myapp/venv/bin/python3", "preflight.py"]
