@@ -100,6 +100,11 @@ def _check_virtualenv(app: AppConfig) -> list[str]:
 
     from .config import OWNED_SETTINGS
 
+    if not Path(app.python).exists() and app.build.requirements and \
+            app.virtualenv.startswith(app.working_directory.rstrip("/") + "/"):
+        print(f"check: {app.virtualenv} does not exist yet ([build] requirements creates it in each release "
+              "built with --from); the worker class and the app were not checked", file=sys.stderr)
+        return []
     if not Path(app.python).exists():
         key = "[app] virtualenv" if app.virtualenv else "[app] gunicorn"
         return [f"{key}: {app.python} does not exist on this host; create the virtualenv (with gunicorn) first"]

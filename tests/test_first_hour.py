@@ -105,6 +105,9 @@ def test_microblog_from_a_checkout_to_a_rollback_under_load(wheels: Path) -> Non
             toml = toml.replace(f"{key} = []", f"{key} = [{json.dumps(hook)}]")
         toml = toml.replace('server_name = ["_"]', 'server_name = ["microblog.example"]')
         c.write_file("/root/microblog.toml", toml)
+        r = c.run("reloader check /root/microblog.toml", check=False)
+        assert r.returncode == 0 and "[build] requirements creates it" in r.stderr, out(r)
+        assert "not pre-flighted in its sandbox" in r.stderr, out(r)  # says what it could not check
 
         # install --from: release 1 built (venv, compiled catalogs), migrated, pre-flighted, live: first attempt.
         r = reloader(c, "install", "/root/microblog.toml", "--from", CHECKOUT)
