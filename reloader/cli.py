@@ -51,10 +51,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         if shutil.which("systemd-analyze"):
             # verify resolves ExecStart= binaries: missing ones are real problems on the target host only.
             r = run(["systemd-analyze", "verify", "--man=no", *units], check=False)
+            unbuilt = False
             for line in (r.stdout + r.stderr).splitlines():
-                if line.strip():
+                # Before the first --from, the virtualenv its build creates cannot hold gunicorn yet.
+                if _venv_built_by_from(app) and f"{app.virtualenv}/" in line:
+                    unbuilt = True
+                elif line.strip():
                     problems.append(f"systemd-analyze: {line.strip()}")
-            if r.returncode != 0 and not problems:
+            if r.returncode != 0 and not problems and not unbuilt:
                 problems.append(f"systemd-analyze verify failed with status {r.returncode}")
         else:
             print("check: systemd-analyze not found; unit files not verified", file=sys.stderr)
@@ -69,12 +73,38 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             print("check: nginx not found; nginx site not tested", file=sys.stderr)
     problems.extend(_check_virtualenv(app))
+    sandboxed = "" if problems else _check_in_sandbox(app, problems)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
         raise Failed(f"{args.config}: {len(problems)} problem(s) in the rendered files")
-    print(f"{args.config}: ok ({len(files)} files render and verify)")
+    print(f"{args.config}: ok ({len(files)} files render and verify{sandboxed})")
     return EXIT_OK
+
+
+def _check_in_sandbox(app: AppConfig, problems: list[str]) -> str:
+    """The first start's pre-flight in the unit's sandbox (reloader.firststart), when this host can run
+    it; returns what was checked, for the ok line (or says on stderr why it was not)."""
+    from . import firststart
+
+    why_not = firststart.unavailable(app)
+    if why_not:
+        print(f"check: the app was not pre-flighted in its sandbox: {why_not}", file=sys.stderr)
+        return ""
+    import_only = bool(app.setup.commands)  # the health path may need the setup commands' migrations
+    try:
+        status = firststart.preflight(app, import_only=import_only)
+    except Failed as e:
+        problems.append(str(e))
+        return ""
+    return (f"; {app.wsgi} imports in {app.service}'s sandbox as {app.user}" if import_only else
+            f"; in {app.service}'s sandbox as {app.user}, {app.health_path} answers {status}")
+
+
+def _venv_built_by_from(app: AppConfig) -> bool:
+    """The virtualenv does not exist yet, and the first ``--from`` build creates it ([build] requirements)."""
+    return (bool(app.build.requirements) and app.virtualenv.startswith(app.working_directory.rstrip("/") + "/")
+            and not Path(app.python).exists())
 
 
 def _check_virtualenv(app: AppConfig) -> list[str]:
@@ -84,6 +114,10 @@ def _check_virtualenv(app: AppConfig) -> list[str]:
     from .config import OWNED_SETTINGS
     from .run import run
 
+    if _venv_built_by_from(app):
+        print(f"check: {app.virtualenv} does not exist yet ([build] requirements creates it in each release "
+              "built with --from); the worker class and the app were not checked", file=sys.stderr)
+        return []
     if not Path(app.python).exists():
         key = "[app] virtualenv" if app.virtualenv else "[app] gunicorn"
         return [f"{key}: {app.python} does not exist on this host; create the virtualenv (with gunicorn) first"]

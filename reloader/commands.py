@@ -90,7 +90,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         except releases.BadRelease as e:
             raise ConfigError(f"rollback: {e}") from None
         print(f"{app.name}: rolling back to {target}")
-        return _deploy(app, argparse.Namespace(timeout=0, json=False), target)
+        return _deploy(app, argparse.Namespace(timeout=0, json=False), target, action="rollback")
     lock = Path(app.deploy_lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f, Systemd() as sd:
@@ -128,8 +128,44 @@ def cmd_install(args: argparse.Namespace) -> int:
     """Render CONFIG, install its files and units, start or reload it, check it through nginx (reloader.install)."""
     from . import install
 
+    if getattr(args, "from_source", None):
+        return _install_from(args)
     return install.install(args.config, dry_run=args.dry_run, allow_restart=args.restart,
                            notify_reload=args.notify_reload)
+
+
+def _install_from(args: argparse.Namespace) -> int:
+    """``install CONFIG --from SRC``: build the next release (reloader.build), point current at it, install.
+    If the install fails, current points where it did before (nothing of the new release goes live)."""
+    from . import build, install
+
+    app = load(args.config)
+    if args.dry_run:
+        raise ConfigError("--from with --dry-run: a dry run builds nothing; drop one of them")
+    if os.geteuid() == 0:
+        install._ensure_user(app)
+    target = build.make_release(app, args.from_source)
+    before = build.point_current(app, target)
+    print(f"{app.name}: current -> {target}")
+    try:
+        return install.install(args.config, allow_restart=args.restart, notify_reload=args.notify_reload)
+    except BaseException:
+        if before is not None:
+            from . import releases
+
+            releases.point_current(app, before)
+            print(f"{app.name}: current put back to {before}", file=sys.stderr)
+        raise
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented TOML for an existing app's checkout (reloader.init); never overwrites."""
+    from . import init
+
+    path = init.init(args.directory, args.output or "", args.name or "")
+    print(f"wrote {path}: review it, then `reloader check {path}` and `reloader install {path} --from "
+          f"{args.directory}`")
+    return 0
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
@@ -159,6 +195,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from . import releases
 
     app = registry.app_for(args.name)
+    if getattr(args, "from_source", None):
+        from . import build
+
+        if args.release:
+            raise ConfigError("--from and --release: deploy either a new release built from a source or an "
+                              "existing release directory")
+        return _deploy(app, args, build.make_release(app, args.from_source))
     if not getattr(args, "release", None):
         return _deploy(app, args)
     try:
@@ -168,12 +211,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return _deploy(app, args, target)
 
 
-def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
+def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "", action: str = "deploy") -> int:
     """The reload job over D-Bus; with *target*, current points at it for the reload and is put back
     where it was if the reload refuses it (the operator's pointer never names a refused release).
     After a successful deploy of a release, keep_releases prunes the oldest release directories.
-    Under the app's operator lock: not while an install rewrites its units, nor next to another deploy."""
-    from . import after_switch, releases
+    Under the app's operator lock: not while an install rewrites its units, nor next to another deploy.
+    The outcome is recorded with its performer, logged, measured and handed to the [hooks] (reloader.hooks)."""
+    from . import after_switch, hooks, releases
     from .bus import Systemd, client_wait
 
     tty = sys.stderr.isatty()
@@ -188,6 +232,7 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
             raise Failed(f"{app.service} is {before.active_state}, not running: start it instead of deploying")
         if os.path.exists(app.pause_flag):  # reloader.pause: the bake's health checks would be held too
             raise Failed(f"{app.name} is paused; `reloader resume {app.name}` first, then deploy")
+        records_before = releases.read(app)
         pointed_before = ""
         if target:
             try:
@@ -222,6 +267,7 @@ def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "") -> int:
         contract_failed = bool(contract and contract["result"] == "failed" and contract["started"] >= started_wall)
         if contract_failed:
             notes.append(f"after_switch failed (the new release keeps serving, not rolled back): {contract['error']}")
+        notes += hooks.after(app, hooks.outcome(app, action, ok, after.status_text, took, records_before, target))
     report = {
         "unit": app.service, "result": "success" if ok else "failed", "job": result,
         "reload_result": after.reload_result, "active_state": after.active_state, "sub_state": after.sub_state,
@@ -371,6 +417,11 @@ def _instances(app: AppConfig, sd: object) -> list[dict]:
     return out
 
 
+FROM_HELP = ("build a new release RELEASES_ROOT/N from SRC (a directory, a tarball, a git ref of the current "
+             "directory's repository or REPO_DIR@REF) with the [build] steps, then deploy it; a failed build "
+             "leaves nothing behind")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("install", help="render CONFIG, install its units and nginx site, start or reload it")
     p.add_argument("config", metavar="CONFIG")
@@ -382,7 +433,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true",
                    help="restart the running service when a change needs it (writable paths, user): a reload "
                    "cannot apply those; with socket_activation the socket holds connections meanwhile")
+    p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("init", help="detect a Flask/Django/FastAPI app in DIR (default .) and write a commented "
+                       "TOML for it (release layout, state_directory, build and setup steps); never overwrites")
+    p.add_argument("directory", metavar="DIR", nargs="?", default=".")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write (default: NAME.toml here)")
+    p.add_argument("--name", help="the app's name (default: DIR's name)")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("setup", help="run the [setup] commands of CONFIG in a release (NAME-setup.service's "
                        "ExecStart=; the service's ExecReload= runs them on every deploy)")
@@ -400,6 +459,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true")
         p.add_argument("--release", metavar="DIR", help="point current at DIR (a directory in the releases root) "
                        "and deploy it; current is put back if DIR is refused")
+        p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
         p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("releases", help="NAME's releases: live, previous, refused (why, when), never tried")

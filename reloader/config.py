@@ -220,6 +220,44 @@ class AnalysisConfig:
     latency_pvalue: float = toml("analysis", 0.01, kind="number", low=1e-12, high=0.5)
 
 
+# --- [build], [hooks], [metrics]: the first hour with a real app (reloader.build, reloader.hooks) --------
+@dataclass(frozen=True)
+class BuildConfig:
+    """Commands ``reloader deploy/install --from`` runs in a new release before anything else of the
+    deploy, as the app's user, with the release writable and not sandboxed (``pybabel compile``,
+    ``collectstatic``, front-end bundles): what writes *into* the release. ``[setup]`` is for what writes
+    elsewhere (migrations), in the sandbox, on every deploy."""
+
+    commands: tuple[tuple[str, ...], ...] = toml("build", ())
+    #: Seconds for all build commands together (and the virtualenv), then the build is abandoned.
+    timeout: int = toml("build", 900, kind="integer", low=1, high=86400)
+    #: A requirements file in the release: the build creates ``[app] virtualenv`` (which must then lie
+    #: inside the release, e.g. current/venv) and installs it, with pip's own configuration.
+    requirements: str = toml("build", "", kind="string", pattern=re.compile(r"[A-Za-z0-9._/-]+"),
+                             allowed="a path relative to the release, like 'requirements.txt'")
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Commands run by ``reloader deploy`` and ``reloader rollback`` (as root, not sandboxed) once the
+    outcome is known, with the facts as RELOADER_* environment variables (reloader.hooks)."""
+
+    after_deploy: tuple[tuple[str, ...], ...] = toml("hooks", ())
+    after_refusal: tuple[tuple[str, ...], ...] = toml("hooks", ())
+    after_rollback: tuple[tuple[str, ...], ...] = toml("hooks", ())
+    #: Seconds per hook command; a hook never changes the deploy's outcome, only reports on it.
+    timeout: int = toml("hooks", 30, kind="integer", low=1, high=3600)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics of deploys in node_exporter's textfile-collector format (reloader.hooks)."""
+
+    #: Where ``NAME.prom`` is written (atomically) when the directory exists: Debian's
+    #: prometheus-node-exporter reads this one. "" turns the metrics off.
+    textfile_directory: str = toml("metrics", "/var/lib/prometheus/node-exporter", kind="path")
+
+
 def _sd_directory(base: str) -> Any:
     return toml("app", "", kind="string", pattern=_SD_DIRECTORY,
                 allowed=f"a directory name relative to {base}, like 'myapp' (letters, digits, '._-', '/')")
@@ -306,6 +344,10 @@ class AppConfig:
     nginx: NginxConfig = field(default_factory=NginxConfig)
     setup: SetupConfig = field(default_factory=SetupConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    # [build], [hooks], [metrics]
+    build: BuildConfig = field(default_factory=BuildConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         # A str from a caller that builds AppConfig by hand becomes the enum (ValueError if unknown).
@@ -577,7 +619,7 @@ class AppConfig:
 def _schema() -> dict[str, dict[str, tuple[str, TomlKey, Any]]]:
     """section → TOML key → (the field it fills, its :class:`TomlKey`, its default or MISSING), from the fields."""
     schema: dict[str, dict[str, tuple[str, TomlKey, Any]]] = {}
-    for cls in (AppConfig, NginxConfig, SetupConfig, AnalysisConfig):
+    for cls in (AppConfig, NginxConfig, SetupConfig, AnalysisConfig, BuildConfig, HooksConfig, MetricsConfig):
         for f in fields(cls):
             if "toml" in f.metadata:
                 spec = f.metadata["toml"]
@@ -832,7 +874,9 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         gun.fail("max_worker_memory", f"not supported with strategy {strategy.value!r} yet (recycling works on "
                  "the single master of \"generation\" and \"hup\")")
     analysis = _analysis(_Reader(source, "analysis", data.get("analysis", {})), strategy, values["workers"])
-    return AppConfig(source=source, **values, nginx=nginx, setup=setup, analysis=analysis)
+    build, hooks, metrics = _first_hour(source, data)
+    return AppConfig(source=source, **values, nginx=nginx, setup=setup, analysis=analysis, build=build,
+                     hooks=hooks, metrics=metrics)
 
 
 def _analysis(ana: _Reader, strategy: Strategy, workers: int) -> AnalysisConfig:
@@ -842,6 +886,40 @@ def _analysis(ana: _Reader, strategy: Strategy, workers: int) -> AnalysisConfig:
     if ana.read("canary_workers") > workers:
         ana.fail("canary_workers", f"{ana.values['canary_workers']} is more than [gunicorn] workers ({workers})")
     return AnalysisConfig(**ana.rest())
+
+
+def _first_hour(source: str, data: dict[str, Any]) -> tuple[BuildConfig, HooksConfig, MetricsConfig]:
+    build = _Reader(source, "build", data.get("build", {}))
+    build.put("commands", _command_lines(build, "commands", "python -m flask translate compile"))
+    requirements = build.read("requirements")
+    if requirements.startswith("/") or ".." in requirements.split("/"):
+        build.fail("requirements", f"{requirements!r} must be a path inside the release, like 'requirements.txt'")
+    hooks = _Reader(source, "hooks", data.get("hooks", {}))
+    for key in ("after_deploy", "after_refusal", "after_rollback"):
+        hooks.put(key, _command_lines(hooks, key, "/usr/local/bin/notify-chat"))
+    metrics = _Reader(source, "metrics", data.get("metrics", {}))
+    return BuildConfig(**build.rest()), HooksConfig(**hooks.rest()), MetricsConfig(**metrics.rest())
+
+
+def _command_lines(reader: _Reader, key: str, example: str) -> tuple[tuple[str, ...], ...]:
+    """A list of command lines (split like a shell, never run by one), as ``[setup] commands``."""
+    import shlex
+
+    raw = reader.table.get(key, [])
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        reader.fail(key, f"must be a list of command lines like [\"{example}\"], not {_show(raw)}")
+    commands = []
+    for line in raw:
+        if _CONTROL.search(line):
+            reader.fail(key, f"{line!r} must not contain newlines or control characters")
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            reader.fail(key, f"{line!r} is not a valid command line ({e})")
+        if not words:
+            reader.fail(key, "an empty command line")
+        commands.append(tuple(words))
+    return tuple(commands)
 
 
 def _socket(gun: _Reader, name: str, socket_activation: bool) -> str:

@@ -102,19 +102,48 @@ def preinstall_problems(app: AppConfig) -> list[str]:
 
 
 def _run_setup_unit(sd: object, app: AppConfig) -> None:
-    """First install: the setup commands run in their oneshot unit (the app's user, sandbox, environment)."""
+    """First install: the setup commands run in their oneshot unit (the app's user, sandbox, environment).
+    A failure quotes the commands' own output (the exception, its file and line), not systemd's lines."""
+    from . import causes
+
     print(f"{app.name}: running the setup commands ({app.setup_unit})")
+    since = time.time() - 1
     result = sd.start_unit(app.setup_unit, timeout=app.setup.timeout + 60)  # type: ignore[attr-defined]
     st = sd.state(app.setup_unit)  # type: ignore[attr-defined]
     if result != "done" or st.active_state == "failed":
-        try:
-            journal = run(["journalctl", "-u", app.setup_unit, "-n", "3", "-o", "cat", "--no-pager"],
-                          check=False).stdout
-        except Failed:  # no journalctl: the message below says where to look
-            journal = ""
-        tail = " | ".join(line.strip() for line in journal.splitlines() if line.strip())
+        release = os.path.realpath(app.working_directory)
+        cause = causes.summarize(causes.unit_output(app.setup_unit, since, until=" failed"), app, release)
         raise Failed(f"{app.name}: setup commands failed ({app.setup_unit}: job {result}); {app.service} not "
-                     f"started: {tail or 'see journalctl -u ' + app.setup_unit}")
+                     f"started: {cause or 'see journalctl -u ' + app.setup_unit}"
+                     f"{causes.advice(cause, app, release)}")
+
+
+def _preflight_first_start(app: AppConfig, *, import_only: bool) -> None:
+    """Before the first start: the release imports (and answers) as the service will run it, in its sandbox."""
+    from . import firststart
+
+    why_not = firststart.unavailable(app)
+    if why_not:
+        print(f"{app.name}: first start not pre-flighted: {why_not}")
+        return
+    status = firststart.preflight(app, import_only=import_only)
+    print(f"{app.name}: pre-flight of the first start in {app.service}'s sandbox: "
+          + ("the app imports" if import_only else f"{app.health_path} answered {status}"))
+
+
+def _start_job_ok(app: AppConfig, unit: str, result: str, since: float) -> None:
+    if result != "done":
+        raise Failed(f"start {unit}: job {result}{_cause_in_journal(app, unit, since)}; see journalctl -u {unit}")
+
+
+def _cause_in_journal(app: AppConfig, unit: str, since: float) -> str:
+    """': CAUSE' from what *unit*'s processes printed since *since* (the app's traceback, its file and
+    line), never systemd's own lines ("Failed with result 'exit-code'"); "" when they printed nothing."""
+    from . import causes
+
+    release = os.path.realpath(app.working_directory)
+    cause = causes.summarize(causes.unit_output(unit, since), app, release)
+    return f": {cause}{causes.advice(cause, app, release)}" if cause else ""
 
 
 def install(config: str, *, dry_run: bool = False, allow_restart: bool = False, notify_reload: bool = False) -> int:
@@ -184,6 +213,10 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
         for path in changed:
             print("\n".join(changes[path]))
         _ensure_user(app)
+        if not service.running:
+            # Refused here, nothing of the new config is written yet. With setup commands (migrations the
+            # health path may need), only the import now; the request after them.
+            _preflight_first_start(app, import_only=bool(app.setup.commands))
         if not app.multi_instance:
             _ensure_state_dir(app)
         for f in files:
@@ -204,6 +237,8 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
             _job_ok(app.socket_unit, sd.start_unit(app.socket_unit, timeout=60), "start")
         if app.setup.commands and not service.running:
             _run_setup_unit(sd, app)
+            _preflight_first_start(app, import_only=False)
+        since = time.time() - 1  # the journal of what the units print from here on
         if restart:
             print(f"{app.name}: restarting {' '.join(restart_units)} for {', '.join(restart)}")
             if app.setup.commands:
@@ -214,7 +249,7 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
             print(f"{app.name}: reloading the running service")
             _job_ok(app.service, sd.reload_unit(app.service, timeout=timeout), "reload")
         else:
-            _job_ok(app.service, sd.start_unit(app.service, timeout=timeout), "start")
+            _start_job_ok(app, app.service, sd.start_unit(app.service, timeout=timeout), since)
         if app.recycle_timer in units:
             _job_ok(app.recycle_timer, sd.start_unit(app.recycle_timer, timeout=60), "start")
         nginx = sd.state("nginx.service")
@@ -231,8 +266,8 @@ def _install(app: AppConfig, config: str, config_text: str, *, dry_run: bool, al
         for unit in units:
             st = sd.state(unit)
             if st.active_state != "active":
-                raise Failed(f"{unit} is {st.active_state}/{st.sub_state} after install; "
-                             f"see journalctl -u {unit}")
+                raise Failed(f"{unit} is {st.active_state}/{st.sub_state} after install"
+                             f"{_cause_in_journal(app, unit, since)}; see journalctl -u {unit}")
         if not app.multi_instance:
             _check_environment(app, sd.state(app.service).main_pid)
     _check_through_nginx(app, nginx.load_state == "loaded", "installed")

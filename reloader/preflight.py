@@ -225,6 +225,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--asgi", action="store_true", help="call the app as ASGI, with lifespan")
     parser.add_argument("--ok", default="200-399", help="statuses that pass, LOW-HIGH (inclusive)")
     parser.add_argument("--timeout", type=float, default=30, help="seconds for the lifespan steps")
+    parser.add_argument("--import-only", action="store_true", help="import (and create) the app, request "
+                        "nothing: before setup commands, whose migrations the health path may need")
     args = parser.parse_args(argv[1:])
     low, _, high = args.ok.partition("-")
     root = os.getcwd()
@@ -236,12 +238,16 @@ def main(argv: list[str]) -> int:
     try:
         app = load_app(args.target)
         caught = watch_request_exceptions()
-        if args.asgi:
+        if args.import_only:
+            status = "imported"
+        elif args.asgi:
             status = asyncio.run(_asgi_request(app, args.health_path, args.host, args.timeout))
         else:
             status = request(app, args.health_path, args.host)
         code = int(status.split()[0]) if status[:3].isdigit() else 0
-        if not int(low) <= code <= int(high or low):
+        if args.import_only:
+            result = {"ok": True, "status": status}
+        elif not int(low) <= code <= int(high or low):
             answered = f"{args.health_path} answered {status} (Host: {args.host}; passing: {args.ok})"
             if caught:
                 answered = f"{_describe(caught[-1], root)}; {answered}"

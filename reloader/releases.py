@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import AppConfig
@@ -36,6 +36,11 @@ from .config import AppConfig
 PER_PROCESS_ENV = ("MAINPID", "SYSTEMD_EXEC_PID", "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID",
                    "LISTEN_FDNAMES", "NOTIFY_SOCKET", "MANAGERPID", "WATCHDOG_PID", "WATCHDOG_USEC",
                    "GUNICORN_PID", "GUNICORN_FD")
+
+
+#: In a release directory while ``reloader deploy --from`` builds it (reloader.build): not a release yet,
+#: so neither listed nor pruned.
+BUILDING = ".reloader-building"
 
 
 class BadRelease(Exception):
@@ -68,6 +73,10 @@ class Records:
     proven: tuple[str, ...] = ()
     #: The last deploy's traffic comparison (reloader.traffic.Analysis.record), {} before the first.
     analysis: dict = field(default_factory=dict)
+    #: The last deploys and rollbacks reloader's commands ran (reloader.hooks): who, what, the outcome.
+    history: tuple[dict, ...] = ()
+    #: Deploys by "ACTION/RESULT" since the app was installed (the Prometheus counters).
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -91,7 +100,9 @@ def read(app: AppConfig) -> Records:
                for d, r in (data.get("refused") or {}).items() if isinstance(r, dict)}
     proven = tuple(p for p in data.get("proven") or () if isinstance(p, str))
     analysis = data.get("analysis") if isinstance(data.get("analysis"), dict) else {}
-    return Records(entry(data.get("live")), entry(data.get("previous")), refused, proven, analysis)
+    history = tuple(h for h in data.get("history") or () if isinstance(h, dict))
+    counts = {k: int(v) for k, v in (data.get("counts") or {}).items() if isinstance(v, int)}
+    return Records(entry(data.get("live")), entry(data.get("previous")), refused, proven, analysis, history, counts)
 
 
 def resolve_current(app: AppConfig) -> str:
@@ -134,7 +145,7 @@ def record_live(app: AppConfig, release: Release) -> Records:
     refused = {d: r for d, r in old.refused.items() if d != release.release}
     proven = tuple(p for p in old.proven if p != release.release) + (release.release,)
     new = Records(Release(release.release, release.virtualenv, release.since or time.time()), previous, refused,
-                  proven, old.analysis)
+                  proven, old.analysis, old.history, old.counts)
     _save(app, new)
     return new
 
@@ -143,15 +154,14 @@ def record_refused(app: AppConfig, release_dir: str, reason: str) -> Records:
     old = read(app)
     refused = dict(old.refused)
     refused[release_dir] = Refusal(reason, time.time())
-    new = Records(old.live, old.previous, refused, old.proven, old.analysis)
+    new = replace(old, refused=refused)
     _save(app, new)
     return new
 
 
 def record_analysis(app: AppConfig, analysis: dict) -> Records:
     """The traffic comparison of the deploy running now (it replaces the last one)."""
-    old = read(app)
-    new = Records(old.live, old.previous, old.refused, old.proven, analysis)
+    new = replace(read(app), analysis=analysis)
     _save(app, new)
     return new
 
@@ -161,7 +171,7 @@ def _save(app: AppConfig, records: Records) -> None:
     data = {"live": asdict(records.live) if records.live else None,
             "previous": asdict(records.previous) if records.previous else None,
             "refused": {d: asdict(r) for d, r in records.refused.items()}, "proven": list(records.proven),
-            "analysis": records.analysis}
+            "analysis": records.analysis, "history": list(records.history), "counts": records.counts}
     write_atomic(records_path(app), json.dumps(data, indent=2) + "\n", 0o644)
     for name, entry in (("live", records.live), ("previous", records.previous)):
         link = state / name
@@ -172,6 +182,17 @@ def _save(app: AppConfig, records: Records) -> None:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(entry.release)
         os.replace(tmp, link)
+
+
+def record_outcome(app: AppConfig, outcome: dict, keep: int = 100) -> Records:
+    """Append a deploy's or rollback's outcome (reloader.hooks) to the history, count it by action/result."""
+    old = read(app)
+    counts = dict(old.counts)
+    key = f"{outcome['action']}/{outcome['result']}"
+    counts[key] = counts.get(key, 0) + 1
+    new = replace(old, history=(old.history + (outcome,))[-keep:], counts=counts)
+    _save(app, new)
+    return new
 
 
 def write_atomic(path: Path, content: str, mode: int) -> None:
@@ -248,7 +269,7 @@ def listing(app: AppConfig) -> list[dict]:
     root = Path(releases_root(app))
     rows = []
     try:
-        dirs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+        dirs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not (p / BUILDING).exists()]
     except OSError:
         dirs = []
     for d in sorted(dirs, key=_age_key, reverse=True):
@@ -295,21 +316,41 @@ def point_current(app: AppConfig, release_dir: str) -> str:
 
 
 def prune(app: AppConfig, keep: int) -> list[str]:
-    """Remove the oldest release directories beyond *keep*; never the live, previous or current one."""
+    """Remove release directories beyond *keep*, the least useful first (:func:`prune_order`); never the
+    live, previous or current one. Deploy and rollback both call this after a release went live."""
     records = read(app)
     protected = {r.release for r in (records.live, records.previous) if r} | {resolve_current(app)}
-    rows = listing(app)
     removed = []
-    for row in rows[keep:]:
-        if row["path"] in protected:
+    for path in prune_order(app, records, listing(app))[keep:]:
+        if path in protected:
             continue
-        shutil.rmtree(row["path"])
-        removed.append(row["path"])
+        shutil.rmtree(path)
+        removed.append(path)
     if removed:
         _save(app, Records(records.live, records.previous,
                            {d: r for d, r in records.refused.items() if d not in removed},
-                           tuple(p for p in records.proven if p not in removed), records.analysis))
+                           tuple(p for p in records.proven if p not in removed), records.analysis,
+                           records.history, records.counts))
     return removed
+
+
+def prune_order(app: AppConfig, records: Records, rows: list[dict]) -> list[str]:
+    """Every release directory, the one to keep longest first: the live, previous and current ones, then
+    the proven releases by when they last went live (newest first: what a rollback may still name), then
+    those never tried (newest first: maybe staged for the next deploy), and last the refused ones, which a
+    rollback can never deploy. Pruning by age alone kept refused releases and deleted rollback targets."""
+    protected = [r.release for r in (records.live, records.previous) if r] + [resolve_current(app)]
+    on_disk = [row["path"] for row in rows]  # newest first
+    proven = [p for p in reversed(records.proven) if p in on_disk]
+    tried = set(proven) | set(records.refused)
+    never = [p for p in on_disk if p not in tried]
+    refused = sorted((p for p in on_disk if p in records.refused), key=lambda p: records.refused[p].time,
+                     reverse=True)
+    order: list[str] = []
+    for path in protected + proven + never + refused:
+        if path in on_disk and path not in order:
+            order.append(path)
+    return order
 
 
 def _age_key(path: Path) -> tuple[float, str]:

@@ -135,6 +135,12 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
     return files
 
 
+def sandbox(app: AppConfig) -> str:
+    """The sandbox settings every unit running the app's code gets (templates/sandbox.j2): also what the
+    first start's pre-flight runs under (reloader.firststart)."""
+    return _environment().get_template("sandbox.j2").render(app=app)
+
+
 def static_locations(app: AppConfig) -> list[tuple[str, str, str, str]]:
     """(location, directory, regex, path in the release) per static location. A directory inside the
     release (under working_directory) is served from the *live* release, then the previous one, through

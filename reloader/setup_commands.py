@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -20,12 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from .causes import TracebackWatcher
 from .config import AppConfig
 
 #: Output lines kept for the one-line failure (STATUS= and the error); the journal gets all of them.
 TAIL_LINES = 3
-#: A traceback's last line: "ModuleNotFoundError: No module named 'x'", "django.db.utils.OperationalError: …".
-_EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Failed|Warning)\b:")
 
 
 class SetupFailed(Exception):
@@ -66,6 +64,9 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
     except OSError as e:
         raise SetupFailed(f"{what} command {line!r} could not start: {e.strerror} ({words[0]})") from None
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    # The last exception with the app's file:line: a CLI that cannot import the app (flask's "Error: No
+    # such command 'db'") names only its own usage in the last lines.
+    watcher = TracebackWatcher(cwd)
     exception = [""]
 
     def pump() -> None:
@@ -75,8 +76,8 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
             print(f"{what}: {out}", file=sys.stderr, flush=True)  # the journal gets every line
             if out.strip():
                 tail.append(" ".join(out.split()))
-                if _EXCEPTION.match(out):
-                    exception[0] = tail[-1]
+                watcher.feed(out)
+                exception[0] = watcher.cause()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -103,7 +104,10 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
 
 
 def _tail(lines: collections.deque[str], exception: str) -> str:
-    """The last lines, led by the last Python exception line when it scrolled out of them (a CLI that prints
-    its usage after a traceback, like flask's, would otherwise hide the cause)."""
-    text = " | ".join(([exception] if exception and exception not in lines else []) + list(lines))
-    return f": {text[-400:]}" if text else ""
+    """The last lines, led by the last Python exception with the app's file:line (a CLI that prints its
+    usage after a traceback, like flask's, would otherwise hide the cause), which is never cut off."""
+    if not exception:
+        text = " | ".join(lines)
+        return f": {text[-400:]}" if text else ""
+    rest = " | ".join(line for line in lines if not exception.startswith(line))
+    return f": {exception}" + (f" | {rest}"[:max(0, 400 - len(exception))] if rest else "")

@@ -508,17 +508,28 @@ def test_errors_unknown_nonroot_bad_config_masked(app: appbed.App) -> None:
     assert app.version() == "v2"
 
 
-def test_install_of_a_service_that_cannot_start_names_journalctl(container: testbed.Container) -> None:
-    """The app's workers cannot import it. gunicorn's master sends READY=1 before its workers boot, so the
-    start job alone proves nothing; an import that takes a moment before failing (a realistic heavy
-    import) makes that deterministic rather than a race."""
+def test_install_refuses_a_first_start_that_cannot_import_and_quotes_a_failed_start(
+        container: testbed.Container) -> None:
+    """The first start is pre-flighted in the unit's sandbox: an import error is refused with its file and
+    line before anything is written. An app that fails only under gunicorn passes that pre-flight; then
+    install quotes the app's own exception from the journal, not systemd's bookkeeping."""
     a = appbed.App(container)
     c = container
     r = a.install(code="import time\ntime.sleep(1.5)\n" + appbed.IMPORT_ERROR, check=False)
     assert r.returncode == 1, out(r)
-    assert "Traceback" not in r.stderr, out(r)
     lines = r.stderr.strip().splitlines()
-    assert lines and "journalctl -u flaskapp.service" in lines[-1], out(r)
+    assert len(lines) == 1 and "ModuleNotFoundError: No module named 'nosuchmodule' (app.py:3)" in lines[0], out(r)
+    assert "sandbox" in lines[0], out(r)
+    assert not exists(c, "/etc/systemd/system/flaskapp.service") and not exists(c, MANIFEST), "nothing written"
+    assert a.get("/health", timeout=3).status != 200
+
+    # Fails only once gunicorn imports it: the start fails, and install names the app's exception and line.
+    a.ship("v1", extra="\nimport sys\nif 'gunicorn' in sys.modules:\n    raise RuntimeError('only under gunicorn')\n")
+    r = reloader(c, "install", EXAMPLE, timeout=300)
+    assert r.returncode == 1, out(r)
+    lines = r.stderr.strip().splitlines()
+    assert lines and "RuntimeError: only under gunicorn (app.py:" in lines[-1], out(r)
+    assert "journalctl -u flaskapp.service" in lines[-1] and "Failed with result" not in r.stderr, out(r)
     # The files are installed (so the operator can fix the release and retry); nothing serves.
     assert exists(c, "/etc/systemd/system/flaskapp.service") and exists(c, MANIFEST)
     assert a.get("/health", timeout=3).status != 200
@@ -527,6 +538,7 @@ def test_install_of_a_service_that_cannot_start_names_journalctl(container: test
     c.run(["systemctl", "reset-failed", SERVICE], check=False)
     r = reloader(c, "install", EXAMPLE, timeout=300)
     assert r.returncode == 0, out(r) + a.journal()
+    assert "pre-flight of the first start in flaskapp.service's sandbox: /health answered 200" in r.stdout, out(r)
     assert a.wait_version("v2", 30), a.journal()
     props = a.props()
     assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props

@@ -136,8 +136,8 @@ def case(id: str, where: str, fragment: str, app: dict[str, Any] | None = None, 
 REJECTIONS = [
     # sections and keys
     case("typo-section", "[gunicron]", "unknown section; did you mean [gunicorn]?", gunicron={}),
-    case("unknown-section", "[database]", "unknown section; known sections: analysis, app, gunicorn, nginx, reload",
-         database={}),
+    case("unknown-section", "[database]", "unknown section; known sections: analysis, app, build, gunicorn, hooks, "
+         "metrics, nginx, reload, setup", database={}),
     pytest.param({"gunicorn": {}}, "[app]", "missing section", id="no-app-section"),
     pytest.param({"app": "myapp"}, "[app]", "must be a table ([app]), not str", id="app-not-a-table"),
     case("gunicorn-not-a-table", "[gunicorn]", "must be a table", gunicorn=[1]),
@@ -514,12 +514,12 @@ def _declared() -> list[tuple[str, str, Any]]:
     """(section, key, TomlKey with the field's default) of every field that is a TOML key."""
     from dataclasses import fields
 
-    from reloader.config import AnalysisConfig, SetupConfig
+    from reloader.config import AnalysisConfig, BuildConfig, HooksConfig, MetricsConfig, SetupConfig
 
     out = []
-    for cls in (AppConfig, NginxConfig, SetupConfig, AnalysisConfig):
+    for cls in (AppConfig, NginxConfig, SetupConfig, AnalysisConfig, BuildConfig, HooksConfig, MetricsConfig):
         for f in fields(cls):
-            if f.name in ("source", "nginx", "setup", "analysis"):
+            if f.name in ("source", "nginx", "setup", "analysis", "build", "hooks", "metrics"):
                 assert "toml" not in f.metadata, f.name
                 continue
             spec = f.metadata["toml"]  # every other field is a key

@@ -230,14 +230,15 @@ def test_environment_deploy_release_refusal_rollback_prune_and_static_assets(con
     r = reloader(app, "rollback", "flaskapp", "3")
     assert r.returncode == 2 and "was refused" in r.stderr, r.stderr
 
-    # keep_releases = 3 prunes the oldest release directories, never the live or previous one.
+    # keep_releases = 3 prunes by state: the refused 3 first (deploying 4), then the oldest proven one, 2
+    # (deploying 5); 1 stays, the most recent rollback target after the live 5 and the previous 4.
     for n in (4, 5):
         d = make_release(app, n, f"v{n}")
         r = reloader(app, "deploy", "flaskapp", "--release", d)
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert app.version() == f"v{n}" and current(app) == d
     left = sorted(app.c.run("ls /srv/flaskapp/releases").stdout.split())
-    assert left == ["3", "4", "5"], left
+    assert left == ["1", "4", "5"], left
     report = app.stop_load(load)
     assert report["total"] > 0 and report["failures"] == {}, (report["summary"], report.get("first_failures"))
     print(f"--release deploys, refusal, rollback, prune: {report['summary']}")

@@ -101,9 +101,48 @@ def test_prune_keeps_the_newest_and_never_live_previous_or_current(layout) -> No
     releases.record_live(app, releases.Release(str(root / "1")))  # oldest, but previous after the next line
     releases.record_live(app, releases.Release(str(root / "5")))
     removed = releases.prune(app, app.keep_releases)
-    # Newest two are 5 and 4; 1 is previous and 2 is current: only 3 goes.
-    assert removed == [str(root / "3")]
-    assert sorted(p.name for p in root.iterdir()) == ["1", "2", "4", "5"]
+    # Kept: 5 live, 1 previous (2 of keep_releases = 2), 2 current; of the never tried 4 and 3, both go.
+    assert removed == [str(root / "4"), str(root / "3")]
+    assert sorted(p.name for p in root.iterdir()) == ["1", "2", "5"]
+
+
+def test_prune_removes_refused_and_never_tried_before_any_proven_release(layout) -> None:
+    """The issue's case: after two refusals, a rollback's prune must keep the rollback targets (proven
+    releases), not the refused ones, which can never be deployed."""
+    app, root = layout
+    for n in range(4, 9):
+        (root / str(n)).mkdir()
+        os.utime(root / str(n), (1000 + n, 1000 + n))
+    app = replace(app, keep_releases=4)
+    for n in (1, 2, 3, 4, 5, 6):
+        releases.record_live(app, releases.Release(str(root / str(n))))
+    for n in (7, 8):
+        releases.record_refused(app, str(root / str(n)), f"release {n}: ImportError")
+    Path(app.working_directory).unlink()
+    Path(app.working_directory).symlink_to(root / "5")
+    releases.record_live(app, releases.Release(str(root / "5")))  # the rollback onto 5: live 5, previous 6
+    states = {row["release"]: row["state"] for row in releases.listing(app)}
+    assert (states["7"], states["8"]) == ("refused", "refused")
+    order = releases.prune_order(app, releases.read(app), releases.listing(app))
+    assert [os.path.basename(p) for p in order] == ["5", "6", "4", "3", "2", "1", "8", "7"]
+    removed = releases.prune(app, app.keep_releases)
+    assert sorted(os.path.basename(p) for p in removed) == ["1", "2", "7", "8"], removed
+    assert sorted(p.name for p in root.iterdir()) == ["3", "4", "5", "6"]
+    records = releases.read(app)
+    assert records.refused == {}, "the records forget what was removed"
+    assert [os.path.basename(p) for p in records.proven] == ["3", "4", "6", "5"]
+
+
+def test_prune_with_room_to_spare_keeps_a_refused_release_to_inspect(layout) -> None:
+    app, root = layout
+    app = replace(app, keep_releases=5)
+    releases.record_live(app, releases.Release(str(root / "1")))
+    releases.record_live(app, releases.Release(str(root / "2")))
+    releases.record_refused(app, str(root / "3"), "boom")
+    assert releases.prune(app, app.keep_releases) == []
+    app = replace(app, keep_releases=2)
+    assert releases.prune(app, app.keep_releases) == [str(root / "3")], "refused goes before previous 1"
+    assert sorted(p.name for p in root.iterdir()) == ["1", "2"]
 
 
 def test_rollback_goes_only_to_a_proven_release(layout) -> None:
