@@ -13,8 +13,9 @@ behind HAProxy :8080, same HAProxy defaults).  Each method deploys a new release
   ``systemctl restart`` (``--seed-method hup``: ``kill -HUP``); it really deploys (checked after).
 
 Prints, per deploy: wall time, failed requests (by kind), throughput during the roll (mean / worst 1 s),
-short-request latency (p99 / max), and for reloader the split: each host's ``reloader deploy`` (its own
-report), the canary window, and what is left (Ansible: SSH round trips, shipping, the pre-flight).
+short-request latency (p99 / max), and for reloader the split of the wall time (tests/fleetbed.py
+``Run.split``, from a task-timeline callback): ansible-playbook's start-up, the pre-flight and shipping,
+the canary's ``reloader deploy``, the canary's judgement, the waves' ``reloader deploy``, and the rest.
 Writes bench/fleet_results.json.
 
     python3 bench/fleet_bench.py [--hosts 5] [--rounds 1] [--window 5] [--seed-method restart|hup]
@@ -83,12 +84,8 @@ def measure(fleet: fleetbed.Fleet, method: str, release: Path, args: argparse.Na
         "latency_max_ms": round(1000 * latency[-1], 1) if latency else None,
     }
     if method == "reloader":
-        deploys, window = run.deploys(), run.canary_window()
-        canary = deploys.get("app1", 0.0)
-        wave = max((s for h, s in deploys.items() if h != "app1"), default=0.0)
-        result["split_s"] = {"canary reloader deploy": canary, "canary window": window,
-                             "wave reloader deploy (slowest host)": wave,
-                             "Ansible and the rest": round(run.seconds - canary - window - wave, 1)}
+        result["split_s"] = run.split()
+        result["reloader_deploy_s"] = run.deploys()
     return result
 
 

@@ -94,6 +94,34 @@ class Run:
     out: str
     seconds: float
     started: float = 0.0  # time.monotonic() when it started
+    tasks: list[dict] = field(default_factory=list)  # {"task", "start", "end"} in order (the timeline callback)
+
+    def seconds_in(self, *words: str) -> float:
+        """Wall time of the tasks whose name contains any of *words*."""
+        return sum(t["end"] - t["start"] for t in self.tasks if any(w in t["task"] for w in words))
+
+    def split(self) -> dict[str, float]:
+        """deploy.yml's wall time by phase, from the task timeline: ansible-playbook's start-up (before the
+        first task), the pre-flight and shipping, each batch's `reloader deploy` task (the canary's, then the
+        waves'), the canary's judgement at HAProxy, and the rest (Ansible between tasks, the recap)."""
+        gates = [t for t in self.tasks if t["task"].startswith("reloader_roll : reloader deploy ")]
+        judged = [t for t in self.tasks if "Judge the canary" in t["task"]]
+        if not self.tasks or not gates:
+            return {}
+        phases = {
+            "start-up": self.tasks[0]["start"] - self.started,
+            "pre-flight and ship": gates[0]["start"] - self.tasks[0]["start"],
+            "canary deploy": gates[0]["end"] - gates[0]["start"],
+            "canary judged": sum(t["end"] - t["start"] for t in judged[:1]),
+            "waves deploy": sum(t["end"] - t["start"] for t in gates[1:]),
+        }
+        phases["Ansible between tasks, recap"] = self.seconds - sum(phases.values())
+        return {k: round(v, 1) for k, v in phases.items()}
+
+    def timeline(self) -> str:
+        """One line per task: offset from the start and duration, for the test's log."""
+        return "\n".join(f"  {t['start'] - self.started:6.1f} +{t['end'] - t['start']:5.1f}  {t['task'][:90]}"
+                         for t in self.tasks)
 
     def deploys(self) -> dict[str, float]:
         """Seconds each host's `reloader deploy` took, from its own output ("deploy success in 3.9 s")."""
@@ -307,6 +335,7 @@ class Fleet:
         namespace, run from the checkout's root as the docs show: the repo's ansible.cfg (SSH keepalive and
         timeouts included) is the one Ansible finds there.  The test bed adds only what a throw-away fleet
         needs (its key, no known_hosts); it sets no SSH keepalive of its own, so it cannot hide a missing one."""
+        timeline = self.tmp / f"timeline-{time.monotonic_ns()}.jsonl"
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")},
             "ANSIBLE_HOST_KEY_CHECKING": "False",
@@ -316,6 +345,10 @@ class Fleet:
             "ANSIBLE_SSH_EXTRA_ARGS": "-o UserKnownHostsFile=/dev/null",
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORKS": "10",
+            # the test bed's own callback: when each task started and ended (Run.tasks)
+            "ANSIBLE_CALLBACK_PLUGINS": str(Path(__file__).resolve().parent / "ansible_plugins"),
+            "ANSIBLE_CALLBACKS_ENABLED": "timeline",
+            "RELOADER_TIMELINE": str(timeline),
         }
         path = Path(name) if os.path.isabs(name) else ANSIBLE / name
         cmd = ["ansible-playbook", "-v", "-i", str(inventory or self.inventory),
@@ -325,7 +358,8 @@ class Fleet:
         t0 = time.monotonic()
         p = subprocess.run(self.net.argv(cmd), env=env, cwd=cwd, text=True, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=timeout, check=False)
-        run = Run(p.returncode, p.stdout, time.monotonic() - t0, t0)
+        tasks = [json.loads(line) for line in timeline.read_text().splitlines()] if timeline.exists() else []
+        run = Run(p.returncode, p.stdout, time.monotonic() - t0, t0, tasks)
         testbed.log(f"ansible-playbook {name} {shlex.join(cmd[4:])}: rc={run.rc} in {run.seconds:.1f}s")
         return run
 

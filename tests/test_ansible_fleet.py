@@ -153,8 +153,8 @@ def test_canary_then_wave_as_fast_as_the_seed_way_and_fails_no_request(fleet: fl
     deploys, window = run.deploys(), run.canary_window()
     print(f"seed's way: {seed.seconds:.1f} s, {seed_report['failed']} failed of {seed_report['total']} "
           f"({seed_report['failures']}); canary + wave: {run.seconds:.1f} s, {report['failed']} failed of "
-          f"{report['total']}; split: reloader deploy {deploys} s, canary window {window} s, Ansible and the "
-          f"rest {run.seconds - deploys.get('app1', 0) - window - max(deploys.get(h, 0) for h in HOSTS[1:]):.1f} s")
+          f"{report['total']}; split {run.split()}; each host's reloader deploy {deploys} s\n"
+          f"seed:\n{seed.timeline()}\ndeploy.yml:\n{run.timeline()}")
     assert run.rc == 0, run.out[-6000:]
     assert_no_failed_requests(report)
     assert_serving(fleet, "r2", "v2")
@@ -293,16 +293,3 @@ def test_host_whose_network_is_cut_mid_roll(fleet: fleetbed.Fleet) -> None:
     assert_in_rotation(fleet, ("app1", "app3"))
 
 
-
-def scratch_timing(fleet: fleetbed.Fleet) -> None:  # SCRATCH-REMOVE
-    assert fleet.lb is not None
-    fleet.lb.write_file("/usr/local/sbin/haproxy-server",
-                        (fleetbed.ANSIBLE / "roles/haproxy/files/haproxy-server").read_text(), mode=0o755)
-    release = fleetbed.write_release(fleet.releases, "r2c", "v2c")
-    seed, seed_report, _ = roll(fleet, str(SEED), seed=True, seed_release=str(release))
-    run, report, samples = roll(fleet, "deploy.yml", reloader_release=str(release), reloader_canary_window=3)
-    deploys, window = run.deploys(), run.canary_window()
-    print(f"seed {seed.seconds:.1f} s ({seed_report['failed']} failed); waves {run.seconds:.1f} s "
-          f"({report['failed']} failed); deploys {deploys} window {window}")
-    print(run.out[-3000:])
-    assert run.rc == 0
