@@ -255,9 +255,10 @@ def test_host_whose_network_is_cut_mid_roll(fleet: fleetbed.Fleet) -> None:
         t = threading.Thread(target=lambda: done.setdefault("run", fleet.playbook(
             "deploy.yml", reloader_release=str(release), reloader_canary_window=2)))
         t.start()
-        # The wave has started on app2 (its release arrived) when its network goes.
+        # The wave has reached app2 (its gate recorded the roll, `reloader deploy` follows) when its network goes.
         deadline = time.monotonic() + 180
-        while fleet.apps["app2"].run("test -d /srv/flaskapp/releases/r7", check=False).returncode != 0:
+        while fleet.apps["app2"].run(["grep", "-qs", '"release": "r7"', "/var/lib/reloader/ansible/flaskapp.roll.json"],
+                                     check=False).returncode != 0:
             assert time.monotonic() < deadline and t.is_alive(), "the wave never reached app2"
             time.sleep(0.1)
         cut = time.monotonic()

@@ -68,7 +68,7 @@ def test_a_canary_answering_500_to_30_percent_fails_and_says_so(monkeypatch: pyt
     after = stat({"app1": ("UP", 135, 15, 20), "app2": ("UP", 1500, 1, 20), "app3": ("UP", 1500, 0, 20)})
     sent: list[str] = []
     reason, numbers = run_judge(monkeypatch, [before, after], window=60, sent=sent)  # ends early: certain
-    assert sent == ["set weight web/app1 10%"]  # it keeps its small share until it is rolled back
+    assert sent == ["set weight web/app1 10%", "set weight web/app1 0%"]  # no new request until rolled back
     assert reason.startswith("5xx regression: the canary answered 15 5xx of 50 (30.0 %), the others 1 of 1001")
     assert numbers["window_s"] < 5
 
