@@ -160,11 +160,13 @@ def test_canary_then_wave_as_fast_as_the_seed_way_and_fails_no_request(fleet: fl
     assert_serving(fleet, "r2", "v2")
     assert set(deploys) == set(HOSTS), run.out[-4000:]
     assert 2 <= window < 10, run.out[-4000:]
-    assert run.seconds <= seed.seconds, (run.seconds, seed.seconds)
     assert samples.max_drained() == 0 and samples.min_up() == len(HOSTS), samples.statuses()  # no draining
     assert report["versions"]["v2"]["count"] > 0 and report["versions"]["v1"]["count"] > 0
     for host in HOSTS:
         assert fleet.apps[host].run("readlink /srv/flaskapp/previous").stdout.strip().endswith("/r1")
+    # the speed goal, last, so a miss still shows every other property checked above
+    assert run.seconds <= seed.seconds, (f"deploy.yml {run.seconds:.1f} s, the seed's way {seed.seconds:.1f} s: "
+                                         f"{run.split()}")
 
 
 def test_drained_roll_serial_2_from_an_archive(fleet: fleetbed.Fleet) -> None:
