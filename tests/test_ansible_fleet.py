@@ -148,7 +148,9 @@ def test_canary_then_wave_as_fast_as_the_seed_way_and_fails_no_request(fleet: fl
     assert seed.rc == 0, seed.out[-4000:]
     assert all(fleet.seed_served(h).get("version") == "v2" for h in HOSTS)  # the baseline really deployed
 
-    run, report, samples = roll(fleet, "deploy.yml", reloader_release=str(release), reloader_canary_window=3)
+    # a short window (~5 % of ~80 req/s reach the canary in it: min_requests 5); the 500 test keeps the defaults
+    run, report, samples = roll(fleet, "deploy.yml", reloader_release=str(release), reloader_canary_window=3,
+                                reloader_canary_min_requests=5)
 
     deploys, window = run.deploys(), run.canary_window()
     print(f"seed's way: {seed.seconds:.1f} s, {seed_report['failed']} failed of {seed_report['total']} "
@@ -231,7 +233,8 @@ def test_release_refused_in_the_wave_then_rollback_brings_the_fleet_to_one_relea
     release = fleetbed.write_release(fleet.releases, "r6", "v6", extra=(
         "\nif os.path.exists('/etc/reloader-test-refuse'):\n    raise RuntimeError('r6 refused on this host')\n"))
 
-    run, report, _ = roll(fleet, "deploy.yml", reloader_release=str(release), reloader_canary_window=3)
+    run, report, _ = roll(fleet, "deploy.yml", reloader_release=str(release), reloader_canary_window=3,
+                          reloader_canary_min_requests=5)
 
     assert run.rc == 2, run.out[-6000:]
     assert "app2: release r6 not deployed" in run.out and "r6 refused on this host" in run.out, run.out[-6000:]
@@ -255,7 +258,7 @@ def test_host_whose_network_is_cut_mid_roll(fleet: fleetbed.Fleet) -> None:
     try:
         sampler.wait_traffic(50)
         t = threading.Thread(target=lambda: done.setdefault("run", fleet.playbook(
-            "deploy.yml", reloader_release=str(release), reloader_canary_window=2)))
+            "deploy.yml", reloader_release=str(release), reloader_canary_window=3, reloader_canary_min_requests=5)))
         t.start()
         # The wave has reached app2 (its gate recorded the roll, `reloader deploy` follows) when its network goes.
         deadline = time.monotonic() + 180
