@@ -52,6 +52,40 @@ while not os.path.exists(stop):
 """
 
 
+#: The seed's way on each host: a plain gunicorn unit, no reloader (the baseline of bench/seed-restart.yml).
+SEED_UNIT = """[Unit]
+Description=The seed's way: a plain gunicorn serving /srv/seedapp (the fleet baseline)
+
+[Service]
+WorkingDirectory=/srv/seedapp
+ExecStart=/opt/venv/bin/gunicorn --bind 127.0.0.1:8001 --workers 4 --graceful-timeout 30 app:app
+ExecReload=/bin/kill -HUP $MAINPID
+KillMode=mixed
+"""
+
+SEED_NGINX = """server {
+    listen 8000;
+    location / {
+        proxy_pass http://127.0.0.1:8001;
+        proxy_set_header Host $host;
+    }
+}
+"""
+
+SEED_HAPROXY = """# The seed's way, side by side with the product's backend (same defaults, same server options).
+frontend seed
+    bind :8080
+    default_backend seed
+
+backend seed
+    balance roundrobin
+    option httpchk
+    http-check send meth GET uri /health ver HTTP/1.1 hdr Host flaskapp.example
+    http-check expect status 200
+{default_server}
+{servers}"""
+
+
 @dataclass
 class Run:
     """One ansible-playbook run: exit status, combined output, wall time."""
@@ -59,6 +93,47 @@ class Run:
     rc: int
     out: str
     seconds: float
+    started: float = 0.0  # time.monotonic() when it started
+    tasks: list[dict] = field(default_factory=list)  # {"task", "start", "end"} in order (the timeline callback)
+
+    def seconds_in(self, *words: str) -> float:
+        """Wall time of the tasks whose name contains any of *words*."""
+        return sum(t["end"] - t["start"] for t in self.tasks if any(w in t["task"] for w in words))
+
+    def split(self) -> dict[str, float]:
+        """deploy.yml's wall time by phase, from the task timeline: ansible-playbook's start-up (before the
+        first task), the pre-flight and shipping, each batch's `reloader deploy` task (the canary's, then the
+        waves'), the canary's judgement at HAProxy, and the rest (Ansible between tasks, the recap)."""
+        gates = [t for t in self.tasks if t["task"].startswith("reloader_roll : reloader deploy ")]
+        judged = [t for t in self.tasks if "Judge the canary" in t["task"]]
+        if not self.tasks or not gates:
+            return {}
+        phases = {
+            "start-up": self.tasks[0]["start"] - self.started,
+            "pre-flight and ship": gates[0]["start"] - self.tasks[0]["start"],
+            "canary deploy": gates[0]["end"] - gates[0]["start"],
+            "canary judged": sum(t["end"] - t["start"] for t in judged[:1]),
+            "waves deploy": sum(t["end"] - t["start"] for t in gates[1:]),
+        }
+        phases["Ansible between tasks, recap"] = self.seconds - sum(phases.values())
+        return {k: round(v, 1) for k, v in phases.items()}
+
+    def timeline(self) -> str:
+        """One line per task: offset from the start and duration, for the test's log."""
+        return "\n".join(f"  {t['start'] - self.started:6.1f} +{t['end'] - t['start']:5.1f}  {t['task'][:90]}"
+                         for t in self.tasks)
+
+    def deploys(self) -> dict[str, float]:
+        """Seconds each host's `reloader deploy` took, from its own output ("deploy success in 3.9 s")."""
+        found: dict[str, float] = {}
+        for m in re.finditer(r"^(?:changed|ok): \[(\S+)\] => .*?deploy success in ([0-9.]+) s", self.out, re.M):
+            found.setdefault(m.group(1), float(m.group(2)))
+        return found
+
+    def canary_window(self) -> float:
+        """Seconds the canary was judged at HAProxy (the judge's own report), 0 without a canary."""
+        m = re.search(r'\\"window_s\\": ([0-9.]+)', self.out) or re.search(r'"window_s": ([0-9.]+)', self.out)
+        return float(m.group(1)) if m else 0.0
 
     def recap(self) -> dict[str, dict[str, int]]:
         """PLAY RECAP counters per host (ok, changed, unreachable, failed, ...)."""
@@ -254,36 +329,46 @@ class Fleet:
         return path
 
     # --- driving ------------------------------------------------------------------------------------------
-    def playbook(self, name: str, *, inventory: Path | None = None, timeout: float = 600, **extra: object) -> Run:
-        """ansible-playbook ansible/NAME with extra vars, on the host inside the namespace."""
+    def playbook(self, name: str, *, inventory: Path | None = None, timeout: float = 600, cwd: Path = REPO,
+                 **extra: object) -> Run:
+        """ansible-playbook ansible/NAME (or the playbook at path NAME) with extra vars, on the host inside the
+        namespace, run from the checkout's root as the docs show: the repo's ansible.cfg (SSH keepalive and
+        timeouts included) is the one Ansible finds there.  The test bed adds only what a throw-away fleet
+        needs (its key, no known_hosts); it sets no SSH keepalive of its own, so it cannot hide a missing one."""
+        timeline = self.tmp / f"timeline-{time.monotonic_ns()}.jsonl"
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")},
-            "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
             "ANSIBLE_HOST_KEY_CHECKING": "False",
             "ANSIBLE_PRIVATE_KEY_FILE": str(self.key),
             "ANSIBLE_LOCAL_TEMP": str(self.tmp / "ansible-tmp"),
             "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.cp_dir),
-            "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=/dev/null "
-                                "-o ConnectTimeout=5 -o ServerAliveInterval=2 -o ServerAliveCountMax=3",
+            "ANSIBLE_SSH_EXTRA_ARGS": "-o UserKnownHostsFile=/dev/null",
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORKS": "10",
+            # the test bed's own callback: when each task started and ended (Run.tasks)
+            "ANSIBLE_CALLBACK_PLUGINS": str(Path(__file__).resolve().parent / "ansible_plugins"),
+            "ANSIBLE_CALLBACKS_ENABLED": "timeline",
+            "RELOADER_TIMELINE": str(timeline),
         }
-        cmd = ["ansible-playbook", "-i", str(inventory or self.inventory), str(ANSIBLE / name)]
+        path = Path(name) if os.path.isabs(name) else ANSIBLE / name
+        cmd = ["ansible-playbook", "-v", "-i", str(inventory or self.inventory),
+               str(path.relative_to(REPO)) if cwd == REPO else str(path)]
         if extra:
             cmd += ["-e", json.dumps(extra)]
         t0 = time.monotonic()
-        p = subprocess.run(self.net.argv(cmd), env=env, cwd=ANSIBLE, text=True, stdout=subprocess.PIPE,
+        p = subprocess.run(self.net.argv(cmd), env=env, cwd=cwd, text=True, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=timeout, check=False)
-        run = Run(p.returncode, p.stdout, time.monotonic() - t0)
+        tasks = [json.loads(line) for line in timeline.read_text().splitlines()] if timeline.exists() else []
+        run = Run(p.returncode, p.stdout, time.monotonic() - t0, t0, tasks)
         testbed.log(f"ansible-playbook {name} {shlex.join(cmd[4:])}: rc={run.rc} in {run.seconds:.1f}s")
         return run
 
     def load(self, **kw: object) -> Load:
         return Load(self.net, self.tmp, f"http://{self.net.address(LB_ADDRESS)}/", **kw)  # type: ignore[arg-type]
 
-    def sampler(self, period: float = 0.2) -> Sampler:
+    def sampler(self, period: float = 0.2, backend: str = APP) -> Sampler:
         assert self.lb is not None
-        return Sampler(self.lb, APP, period)
+        return Sampler(self.lb, backend, period)
 
     # --- observing ----------------------------------------------------------------------------------------
     def served(self, host: str) -> dict:
@@ -301,18 +386,70 @@ class Fleet:
     def releases_on(self, host: str) -> list[str]:
         return sorted(self.apps[host].run("ls /srv/flaskapp/releases").stdout.split())
 
-    def haproxy_states(self) -> dict[str, str]:
+    def haproxy_states(self, backend: str = APP) -> dict[str, str]:
         """HAProxy's status of every backend server now (UP, DRAIN, DOWN, MAINT)."""
         assert self.lb is not None
         out = {}
         for host in self.apps:
-            r = self.lb.run(["haproxy-server", "show", APP, host], check=False)
+            r = self.lb.run(["haproxy-server", "show", backend, host], check=False)
             out[host] = json.loads(r.stdout)["status"] if r.returncode == 0 else f"<{r.stderr.strip()}>"
         return out
 
     def stop_host(self, host: str) -> None:
         """The host dies: its container is stopped (the rest of the fleet keeps running)."""
         self.apps[host].stop()
+
+    def cut_host(self, host: str) -> None:
+        """The host's network goes away without a word (a power loss, a pulled cable): its port on the test's
+        bridge is set down, so nothing it had open gets a reset or a FIN; then its container is stopped."""
+        iflink = self.apps[host].run("cat /sys/class/net/host0/iflink").stdout.strip()
+        links = subprocess.run(["ip", "-n", self.net.name, "-o", "link", "show"], capture_output=True,
+                               text=True, check=True).stdout
+        port = next((line.split(":")[1].strip().split("@")[0] for line in links.splitlines()
+                     if line.split(":")[0].strip() == iflink), None)
+        if port is None:
+            raise testbed.TestbedError(f"{host}: no bridge port with ifindex {iflink}:\n{links}")
+        subprocess.run(["ip", "-n", self.net.name, "link", "set", "dev", port, "down"], check=True)
+        testbed.log(f"{host}: bridge port {port} down")
+        self.apps[host].stop()
+
+    # --- the seed's way, side by side (the baseline) -----------------------------------------------------
+    def install_seed(self) -> None:
+        """The seed's setup on every app host, beside reloader's app: nginx on :8000 -> a plain gunicorn
+        unit (seedapp.service, code in /srv/seedapp, updated in place), and a second HAProxy frontend
+        (:8080, backend ``seed``) with the same defaults and server options as the product's backend."""
+        assert self.lb is not None
+        for c in self.apps.values():
+            c.run("mkdir -p /srv/seedapp && cp /srv/flaskapp/current/app.py /srv/seedapp/app.py")
+            c.write_file("/etc/systemd/system/seedapp.service", SEED_UNIT)
+            c.write_file("/etc/nginx/sites-enabled/seedapp", SEED_NGINX)
+            c.run("systemctl daemon-reload && systemctl start seedapp.service && systemctl reload nginx")
+        rendered = self.lb.run("cat /etc/haproxy/haproxy.cfg").stdout
+        default_server = next(line for line in rendered.splitlines() if line.strip().startswith("default-server"))
+        servers = "".join(f"    server {h} {self.net.address(APP_ADDRESS + i)}:8000\n" for i, h in enumerate(self.apps))
+        self.lb.write_file("/etc/haproxy/seed.cfg", SEED_HAPROXY.format(default_server=default_server,
+                                                                         servers=servers))
+        self.lb.write_file("/etc/default/haproxy",
+                           'EXTRAOPTS="-S /run/haproxy-master.sock -f /etc/haproxy/seed.cfg"\n')
+        self.lb.run("haproxy -c -f /etc/haproxy/haproxy.cfg -f /etc/haproxy/seed.cfg && systemctl restart haproxy")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(self.haproxy_states(backend).get(h, "").startswith("UP") for backend in (APP, "seed")
+                   for h in self.apps):
+                return
+            time.sleep(0.3)
+        raise testbed.TestbedError(f"seed backend not up: {self.haproxy_states('seed')}")
+
+    def seed_load(self, **kw: object) -> Load:
+        return Load(self.net, self.tmp, f"http://{self.net.address(LB_ADDRESS)}:8080/", **kw)  # type: ignore[arg-type]
+
+    def seed_served(self, host: str) -> dict:
+        """What *host*'s seed app answers on / (through its nginx on :8000)."""
+        r = self.apps[host].run(f"curl -s -m 10 -H 'Host: {HTTP_HOST}' http://127.0.0.1:8000/", check=False)
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return {"error": r.stdout[-200:] or r.stderr[-200:]}
 
     # --- clean-up -----------------------------------------------------------------------------------------
     def close(self) -> None:
