@@ -460,6 +460,7 @@ class FakeSystemd:
         self.fail_start: set[str] = set()
         self.dies_booting: set[str] = set()
         self.raise_on: dict[str, BaseException] = {}
+        self.queued: set[str] = set()  #: units with a connection waiting in their socket
 
     def _maybe_raise(self, method: str) -> None:
         if method in self.raise_on:
@@ -509,6 +510,9 @@ class FakeSystemd:
         main = self.mains.pop(name, 0)
         if main and self.table.alive(main):
             self.table.exit(main)
+        if name in self.queued:  # a connection still waits in its socket: activation starts it again
+            self.queued.discard(name)
+            self.start_unit(name, timeout=0)
         return "done"
 
     def reload_unit(self, name: str, *, timeout: float, progress: Any = None) -> str:
@@ -517,12 +521,20 @@ class FakeSystemd:
 
     def connect(self, socket_path: str) -> None:
         """A connection to an instance's socket: systemd's socket activation starts a stopped instance
-        (as it does for nginx's requests and for the fleet's own health checks)."""
+        (as it does for nginx's requests and for the fleet's own health checks). The connection waits in
+        the socket until a worker accepts it; one still there when the instance stops starts it again."""
         for instance in self.app.instance_names:
             if self.app.instance_socket(instance) == socket_path:
                 unit = self.app.instance_unit(instance)
                 if not self.state(unit).running:
+                    self.queued.add(unit)
                     self.start_unit(unit, timeout=0)
+                if self._accepting(unit):
+                    self.queued.discard(unit)
+
+    def _accepting(self, unit: str) -> bool:
+        main = self.mains.get(unit, 0)
+        return bool(main) and self.table.alive(main) and bool(self.table.ready_workers_of(main))
 
     def running(self) -> list[str]:
         """The instances whose unit runs."""
