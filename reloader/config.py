@@ -1016,46 +1016,9 @@ def _plain(value: Any) -> bool:
 
 
 def _setup(setup: _Reader) -> SetupConfig:
-    import shlex
-
-    commands = []
-    raw = setup.table.get("commands", [])
-    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
-        setup.fail("commands", f"must be a list of command lines like [\"python manage.py migrate --noinput\"], "
-                   f"not {_show(raw)}")
-    for line in raw:
-        if _CONTROL.search(line):
-            setup.fail("commands", f"{line!r} must not contain newlines or control characters")
-        try:
-            words = shlex.split(line)
-        except ValueError as e:
-            setup.fail("commands", f"{line!r} is not a valid command line ({e})")
-        if not words:
-            setup.fail("commands", "an empty command line")
-        commands.append(tuple(words))
-    setup.put("commands", tuple(commands))
-    setup.put("after_switch", _command_lines(setup, "after_switch", "[\"python manage.py migrate app 0042\"]"))
+    setup.put("commands", _command_lines(setup, "commands", "python manage.py migrate --noinput"))
+    setup.put("after_switch", _command_lines(setup, "after_switch", "python manage.py migrate app 0042"))
     return SetupConfig(**setup.rest())
-
-
-def _command_lines(setup: _Reader, key: str, example: str) -> tuple[tuple[str, ...], ...]:
-    import shlex
-
-    raw = setup.table.get(key, [])
-    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
-        setup.fail(key, f"must be a list of command lines like {example}, not {_show(raw)}")
-    out = []
-    for line in raw:
-        if _CONTROL.search(line):
-            setup.fail(key, f"{line!r} must not contain newlines or control characters")
-        try:
-            words = shlex.split(line)
-        except ValueError as e:
-            setup.fail(key, f"{line!r} is not a valid command line ({e})")
-        if not words:
-            setup.fail(key, "an empty command line")
-        out.append(tuple(words))
-    return tuple(out)
 
 
 def _environment(app: _Reader) -> tuple[tuple[str, str], ...]:

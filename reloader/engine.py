@@ -234,7 +234,7 @@ class Preflight:
             return Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
                            "(a hanging import? raise preflight_timeout if the app is just slow)")
         out, err = self.output
-        result = _last_json(out or "")
+        result = last_json(out or "")
         if result is None:
             tail = " ".join((err or "").strip().splitlines()[-1:]) or f"exit status {self.p.returncode}"
             return Refused(f"pre-flight crashed: {tail}")
@@ -304,9 +304,9 @@ def health(app: AppConfig, timeout: float = 5.0, socket_path: str = "") -> tuple
                        "X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"})
 
 
-
-def _last_json(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
+def last_json(text: str | None) -> dict | None:
+    """The last line of *text* that is a JSON object: the pre-flight's verdict after whatever the app printed."""
+    for line in reversed((text or "").strip().splitlines()):
         try:
             value = json.loads(line)
         except ValueError:

@@ -13,7 +13,6 @@ would trip over, and the refusal names the file, the line and the setting that f
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from . import causes
 from .config import AppConfig
-from .engine import preflight_args
+from .engine import last_json, preflight_args
 from .errors import Failed
 from .render import sandbox
 from .run import run
@@ -79,7 +78,7 @@ def preflight(app: AppConfig, *, import_only: bool = False) -> str:
     argv = [app.python, script, *preflight_args(app)] + (["--import-only"] if import_only else [])
     r = run(command(app, argv), check=False, timeout=app.preflight_timeout + 60,
             what="the sandboxed pre-flight (systemd-run)")
-    result = _last_json(r.stdout)
+    result = last_json(r.stdout)
     what = "import" if import_only else "pre-flight"
     where = f"in {app.service}'s sandbox as {app.user}"
     if result is None:
@@ -93,14 +92,3 @@ def preflight(app: AppConfig, *, import_only: bool = False) -> str:
         raise Failed(f"{app.name}: the first start's {what} {where} refused release {os.path.basename(release)}: "
                      f"{error}{causes.advice(error, app, release)}")
     return str(result.get("status") or "")
-
-
-def _last_json(text: str) -> dict | None:
-    for line in reversed((text or "").strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
