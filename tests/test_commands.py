@@ -138,6 +138,7 @@ def test_install_units_files_manifest_user_and_status(app: appbed.App) -> None:
     expected = {
         "/etc/reloader/flaskapp.toml",
         "/etc/reloader/flaskapp.gunicorn.conf.py",
+        "/etc/reloader/flaskapp.pause_hook.py",  # loaded by each worker (reloader pause)
         f"/etc/systemd/system/{SERVICE}",
         f"/etc/systemd/system/{SOCKET}",
         "/etc/nginx/conf.d/flaskapp.conf",
@@ -212,10 +213,11 @@ def test_install_changed_config_dry_run_then_apply_without_downtime(app: appbed.
     c.write_file("/root/api.toml", API_CONFIG)
     r = reloader(c, "install", "--dry-run", "/root/api.toml")
     assert r.returncode == 0, out(r)
-    assert "+ new file /etc/reloader/api.toml" in r.stdout and "5 file(s) would change" in r.stdout, out(r)
+    assert "+ new file /etc/reloader/api.toml" in r.stdout and "6 file(s) would change" in r.stdout, out(r)
     assert c.run(["getent", "passwd", "api"], check=False).returncode == 2, "--dry-run created the user"
     for path in (
         "/etc/reloader/api.toml",
+        "/etc/reloader/api.pause_hook.py",
         "/etc/systemd/system/api.service",
         "/etc/nginx/conf.d/api.conf",
         "/var/lib/reloader/api.json",
