@@ -393,7 +393,7 @@ def test_two_apps_isolated_then_uninstall(app: appbed.App) -> None:
             assert not exists(c, path), f"uninstall left {path}"
     assert not exists(c, MANIFEST)
     assert exists(c, DROPIN), "the nginx drop-in was removed while api still uses it"
-    assert c.run("ls -A /etc/reloader").stdout.split() == ["api.gunicorn.conf.py", "api.toml"]
+    assert c.run("ls -A /etc/reloader").stdout.split() == ["api.gunicorn.conf.py", "api.pause_hook.py", "api.toml"]
     assert c.run("find /etc/systemd/system -name 'flaskapp.*'").stdout == ""
     assert c.run("ls -A /etc/nginx/conf.d").stdout.split() == ["api.conf"]
     assert app.props("nginx.service")["ActiveState"] == "active"
@@ -465,6 +465,7 @@ def test_errors_unknown_nonroot_bad_config_masked(app: appbed.App) -> None:
     assert c.run("ls -A /etc/reloader /var/lib/reloader").stdout.split() == [
         "/etc/reloader:",
         "flaskapp.gunicorn.conf.py",
+        "flaskapp.pause_hook.py",
         "flaskapp.toml",
         "/var/lib/reloader:",
         "flaskapp",  # the example's records of its releases (/var/lib/reloader/flaskapp)
