@@ -34,16 +34,8 @@ class Refused(Exception):
 
 def reason(e: BaseException) -> str:
     """A failure in one line (STATUS=, the records): a refusal's own words; any other error with its type
-    (a D-Bus error, an OSError, a bug), whose traceback :func:`log_unexpected` puts in the journal."""
+    (a D-Bus error, an OSError, a bug), whose traceback :meth:`Notifier.log_unexpected` puts in the journal."""
     return str(e) if isinstance(e, Refused) else f"unexpected {type(e).__name__}: {e}"
-
-
-def log_unexpected(name: str, e: BaseException) -> None:
-    """The traceback of a failure that is not a refusal, to the journal (stderr)."""
-    lines = traceback.format_exception(type(e), e, e.__traceback__)
-    prefix = f"<{WARNING}>" if stderr_is_journal() else ""
-    for line in "".join(lines).rstrip().splitlines():
-        print(f"{prefix}reloader: {name}: {line}", file=sys.stderr, flush=True)
 
 
 #: syslog priorities of the helper's journal lines (see :class:`Notifier`).
@@ -96,6 +88,11 @@ class Notifier:
     def warn(self, text: str) -> None:
         """A refusal, rollback or failure: STATUS= and a journal line at priority warning."""
         self.status(text, WARNING)
+
+    def log_unexpected(self, e: BaseException) -> None:
+        """The traceback of a failure that is not a refusal, to the journal at priority warning."""
+        for line in "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip().splitlines():
+            self.log(line, WARNING)
 
     def barrier(self, timeout: float = 5.0) -> None:
         """Wait until systemd has processed what we sent (sd_notify_barrier): a notification from a
@@ -234,7 +231,7 @@ class Preflight:
             return Refused(f"pre-flight timed out after {app.preflight_timeout} s importing {app.wsgi} "
                            "(a hanging import? raise preflight_timeout if the app is just slow)")
         out, err = self.output
-        result = last_json(out or "")
+        result = last_json(out)
         if result is None:
             tail = " ".join((err or "").strip().splitlines()[-1:]) or f"exit status {self.p.returncode}"
             return Refused(f"pre-flight crashed: {tail}")

@@ -44,7 +44,6 @@ from .engine import (
     Refused,
     exclusive,
     health,
-    log_unexpected,
     ready_workers,
     reason,
     release_of,
@@ -418,7 +417,7 @@ class Rolling:
             self.f.start(instance, restart=True)
         except Exception as failure:  # not only Refused (a bus error too): the instance goes back
             if not isinstance(failure, Refused):
-                log_unexpected(self.f.app.name, failure)
+                self.f.n.log_unexpected(failure)
             e = Refused(reason(failure))
             self.f.n.status(f"instance {instance} failed on the new release; restoring "
                             f"{os.path.basename(previous) or 'nothing (it never ran)'}: {e}")
@@ -506,7 +505,7 @@ def run(app: AppConfig, action: str) -> int:
         elif isinstance(e, Refused | Failed | OSError):
             why = str(e)
         else:
-            log_unexpected(app.name, e)
+            n.log_unexpected(e)
             why = reason(e)
         n.warn(f"{what}: {why}")
         n.barrier()

@@ -36,7 +36,6 @@ from .engine import (
     Refused,
     exclusive,
     health,
-    log_unexpected,
     monotonic_usec,
     ready_workers,
     reason,
@@ -73,7 +72,8 @@ class Swap:
         self.ready_dir = Path(app.ready_dir)
         #: The new generation's gate is open: its workers accept (and a rollback must stop it gracefully).
         self.gate_open = False
-        self.gate_opened_for = 0  #: the master whose whole gate (gate-open) this reload opened
+        #: gate-open written: every new worker accepts, not only the canary's tickets.
+        self.whole_gate_open = False
         #: How many workers the old master runs now (lockstep lowers it with TTOU, a rollback raises it).
         self.old_workers = app.workers
         self._signalled: dict[int, float] = {}
@@ -113,7 +113,7 @@ class Swap:
                     releases.clear_boot_request(self.app)
         except Exception as e:  # not only Refused: whatever failed, the state below is told and true
             if not isinstance(e, Refused):
-                log_unexpected(self.app.name, e)
+                self.n.log_unexpected(e)
             if self.taken_over and self.proc.alive(self.new):
                 return self._serving_but(e)
             serving = self._serving()
@@ -175,7 +175,7 @@ class Swap:
                       self.roll_back)
             verdict = check.verdict()
             if verdict and not isinstance(e, Refused):
-                log_unexpected(self.app.name, e)  # the pre-flight's reason goes to STATUS=; this one to the journal
+                self.n.log_unexpected(e)  # the pre-flight's reason goes to STATUS=; this one to the journal
             raise verdict or e from None
         self.taken_over = True
         self.retire_old_generation()
@@ -323,14 +323,13 @@ class Swap:
     def open_gate(self, master: int, check: Preflight) -> None:
         """The pre-flight passed and every new worker loaded the app: let them accept connections."""
         gate = self.ready_dir / str(master) / "gate-open"
-        if self.gate_opened_for == master:  # the canary was the whole generation: opened before the bake
+        if self.whole_gate_open:  # the canary was the whole generation: opened before the bake
             return
         try:
             gate.write_text(f"{os.getpid()}\n")
         except OSError as e:
             raise Refused(f"cannot open the gate of master {master} ({gate}): {e.strerror}") from None
-        self.gate_open = True
-        self.gate_opened_for = master
+        self.gate_open = self.whole_gate_open = True
         now = time.monotonic()
         self.n.status(f"gate open: master {master}'s workers accept connections ({now - check.started:.2f} s "
                       f"after the pre-flight and the new generation started; the pre-flight took "

@@ -392,6 +392,9 @@ class FakeNotifier:
     def warn(self, text: str) -> None:
         self.status(text, 4)
 
+    def log_unexpected(self, e: BaseException) -> None:
+        self.log(f"traceback of {type(e).__name__}: {e}", 4)
+
     def barrier(self, timeout: float = 5.0) -> None:
         pass
 
