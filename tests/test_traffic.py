@@ -274,6 +274,15 @@ def hooks(app: config.AppConfig, ready: Path) -> dict[str, Any]:
     return ns
 
 
+class SlottedRequest:
+    """Like gunicorn's asgi CallbackRequest: __slots__, so a hook cannot add an attribute to it."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
 def test_the_hooks_publish_what_the_helper_reads_at_most_every_half_second(tmp_path: Path) -> None:
     ns = hooks(config.load(EXAMPLE), tmp_path)
     writes: list[str] = []
@@ -290,7 +299,7 @@ def test_the_hooks_publish_what_the_helper_reads_at_most_every_half_second(tmp_p
     ns["post_request"](worker, req, {}, SimpleNamespace(status_code=None))  # the app raised: gunicorn sends 500
     # gunicorn's asgi worker: resp.status (an int), or no resp at all without its access log.
     for resp in (SimpleNamespace(status=503), SimpleNamespace(status=200), None):
-        req = SimpleNamespace(path="/")
+        req = SlottedRequest("/")
         ns["pre_request"](worker, req)
         ns["post_request"](worker, req, None, resp)
     ns["_PUBLISHED"][0] = 0.0

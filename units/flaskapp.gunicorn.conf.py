@@ -255,6 +255,9 @@ import math
 import time
 
 _STATS = {"requests": 0, "5xx": 0, "latency": {}}
+# When each request in this worker started, by id(req): the asgi worker's request objects take no new
+# attribute (__slots__), and an async or threaded worker runs several requests at once.
+_STARTED = {}
 _PUBLISHED = [0.0]
 _PUBLISH_EVERY = [0.5]
 _HEALTH = '/health'
@@ -276,13 +279,15 @@ _USER_POST_REQUEST = _user_post_request()
 
 def pre_request(worker, req):
     _user_hook("pre_request", worker, req)
-    req.reloader_started = time.monotonic()
+    if len(_STARTED) > 4096:  # requests whose post_request never ran (the app raised past gunicorn)
+        _STARTED.clear()
+    _STARTED[id(req)] = time.monotonic()
 
 
 def post_request(worker, req, environ, resp):
     if _USER_POST_REQUEST:
         _USER_POST_REQUEST(worker, req, environ, resp)
-    started = getattr(req, "reloader_started", 0.0)
+    started = _STARTED.pop(id(req), 0.0)
     if not started or req.path == _HEALTH:
         return
     # WSGI: resp.status_code, None when the app raised before answering (gunicorn sends a 500); the asgi
