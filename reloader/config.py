@@ -521,14 +521,22 @@ class AppConfig:
         return int(max(seconds * 1000 / 2, seconds * 1000 - 1000))
 
     @property
+    def upstream_keepalive(self) -> int:
+        """Idle connections each nginx worker keeps open to the app; none for ASGI workers (see
+        templates/nginx-site.j2)."""
+        return 0 if self.asgi else 16
+
+    @property
     def upstream_tries(self) -> int:
         """How often nginx may send one idempotent request whose upstream connection failed or was closed
-        before a response header: once per worker that serves it, plus one. nginx sends a request at most
-        once per ``server`` entry of the upstream (a cached keep-alive connection that turns out closed
-        uses up an entry too), so the socket is listed this many times. A request loses its connection
-        only when the worker holding it dies, so a whole generation of workers crashing one after
-        another (a release that dies after boot) cannot exhaust the entries. See docs/worker-death.md."""
-        return self.workers * max(1, len(self.route_slots)) + 1
+        before a response header: once per worker that serves it, once per cached keep-alive connection,
+        plus one. nginx sends a request at most once per ``server`` entry of the upstream, and a cached
+        keep-alive connection that turns out closed (its worker died) uses up an entry too, so the socket
+        is listed this many times. A request loses its connection only when the worker holding it dies,
+        so neither a whole generation of workers crashing one after another (a release that dies after
+        boot) nor a pool of cached connections to a killed worker can exhaust the entries.
+        See docs/worker-death.md."""
+        return self.workers * max(1, len(self.route_slots)) + self.upstream_keepalive + 1
 
     def health_ok(self, status: int) -> bool:
         low, high = self.health_status

@@ -226,14 +226,16 @@ def test_nginx_site(files):
 
 
 @pytest.mark.parametrize(("sections", "tries"), [
-    ({}, 5),  # the example: 4 workers
-    ({"gunicorn": {"workers": 9}}, 10),
-    ({"reload": {"strategy": "rolling", "instances": 3}, "gunicorn": {"workers": 2}}, 7),
-    ({"reload": {"strategy": "blue-green"}, "gunicorn": {"workers": 2}}, 3),
+    ({}, 4 + 16 + 1),  # the example: 4 workers, nginx's 16 cached keep-alive connections
+    ({"gunicorn": {"workers": 9}}, 9 + 16 + 1),
+    ({"gunicorn": {"workers": 2, "worker_class": "asgi"}}, 2 + 1),  # ASGI: no upstream keep-alive
+    ({"reload": {"strategy": "rolling", "instances": 3}, "gunicorn": {"workers": 2}}, 6 + 16 + 1),
+    ({"reload": {"strategy": "blue-green"}, "gunicorn": {"workers": 2}}, 2 + 16 + 1),
 ])
 def test_nginx_resends_an_idempotent_request_once_per_worker_that_can_die_under_it(sections, tries):
     """nginx sends a request at most once per upstream entry: the socket (or the routes) is listed once
-    per serving worker + 1, tries are bounded by that, never on a timeout, never past gunicorn's timeout,
+    per serving worker and per cached keep-alive connection (a stale one uses up an entry) + 1, tries are
+    bounded by that, never on a timeout, never past gunicorn's timeout,
     and POST/PATCH stay non-idempotent (nginx's default: no `non_idempotent`). docs/worker-death.md."""
     app = variant(**sections)
     files = {f.name: f.content for f in render(app)}
@@ -244,6 +246,7 @@ def test_nginx_resends_an_idempotent_request_once_per_worker_that_can_die_under_
     assert f"proxy_next_upstream_tries {tries};" in site
     assert "proxy_next_upstream_timeout 30s;" in site
     assert "non_idempotent" not in site
+    assert ("keepalive 16;" in site) == (not app.asgi), site
 
 
 def test_nginx_dropin_reloads_through_the_helper(files):
