@@ -248,8 +248,8 @@ class Analysis:
 
     @property
     def limit(self) -> float:
-        """The longest the bake waits for traffic: [analysis] timeout, never less than bake_seconds."""
-        return max(self.app.bake_seconds, self.app.analysis.timeout)
+        """The longest the bake waits for traffic (AppConfig.bake_limit, which the reload budget counts)."""
+        return self.app.bake_limit
 
     def measure(self) -> tuple[Stats, Stats]:
         """The new generation's requests since its canary opened, against the old generation's since the
