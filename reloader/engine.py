@@ -24,6 +24,10 @@ from . import proc
 from .config import AppConfig
 from .proc import ProcessTable
 
+#: Between two signals to one master: CPython runs a signal's handler once however often it arrived
+#: before the handler ran, so two TTINs sent back to back can add a single worker.
+SIGNAL_GAP = 0.1
+
 #: How much more time to ask systemd for whenever we are still making progress.
 EXTEND_USEC = 30_000_000
 

@@ -35,6 +35,25 @@ def ppid(pid: int) -> int:
         return 0
 
 
+def rss(pid: int) -> int:
+    """Resident memory of *pid* in bytes (VmRSS, what uWSGI's reload-on-rss and ``ps`` call RSS); 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def start_time(pid: int) -> int:
+    """When *pid* started (clock ticks since boot): the order gunicorn gives its workers' ages."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def children(pid: int) -> list[int]:
     """Live direct children of *pid* (a scan of /proc: needs no CONFIG_PROC_CHILDREN)."""
     found = []

@@ -31,11 +31,7 @@ from pathlib import Path
 
 from . import proc
 from .config import AppConfig
-from .engine import Notifier, exclusive, ready_workers
-
-#: Between two signals to one master (see reloader.swap.SIGNAL_GAP: CPython coalesces a signal that
-#: arrives twice before its handler ran).
-SIGNAL_GAP = 0.1
+from .engine import SIGNAL_GAP, Notifier, exclusive, ready_workers
 
 
 class RecycleFailed(Exception):
@@ -57,35 +53,16 @@ class Outcome:
     seconds: float = 0.0
 
 
-def rss(pid: int) -> int:
-    """Resident memory of *pid* in bytes (VmRSS, what uWSGI's reload-on-rss and ``ps`` call RSS); 0 if gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def start_time(pid: int) -> int:
-    """When *pid* started (clock ticks since boot): the order gunicorn gives its workers' ages."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def over_memory(workers: list[int], limit: int) -> dict[int, int]:
     """The workers whose RSS is above *limit* bytes, with their RSS."""
-    sizes = {pid: rss(pid) for pid in workers}
+    sizes = {pid: proc.rss(pid) for pid in workers}
     return {pid: size for pid, size in sizes.items() if size > limit}
 
 
 def oldest_through(workers: list[int], chosen: set[int]) -> list[int]:
     """The workers (oldest first) up to the youngest of *chosen*: what TTOU retires, one by one, before
     it has retired all of *chosen*."""
-    ordered = sorted(workers, key=lambda p: (start_time(p), p))
+    ordered = sorted(workers, key=lambda p: (proc.start_time(p), p))
     last = max((i for i, p in enumerate(ordered) if p in chosen), default=-1)
     return ordered[: last + 1]
 
@@ -107,7 +84,7 @@ class Recycler:
         """The master's live worker processes (ready or still booting), oldest first."""
         children = [p for p in proc.children(self.master)
                     if not (self.ready_dir / str(p) / "master").exists()]
-        return sorted(children, key=lambda p: (start_time(p), p))
+        return sorted(children, key=lambda p: (proc.start_time(p), p))
 
     def settle(self) -> int:
         """Wait until every worker the master runs has loaded the app; their count is the floor kept."""
@@ -254,6 +231,6 @@ def status(app: AppConfig, master: int) -> dict:
                if not (Path(app.ready_dir) / str(p) / "master").exists()] if master else []
     return {"max_worker_memory": app.max_worker_memory or None,
             "timer": app.recycle_timer if app.max_worker_memory else None,
-            "worker_rss_mb": {str(p): round(rss(p) / 2**20, 1) for p in workers},
+            "worker_rss_mb": {str(p): round(proc.rss(p) / 2**20, 1) for p in workers},
             "last": last(app)}
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from . import after_switch, proc, releases, setup_commands, traffic
 from .config import AppConfig
 from .engine import (
+    SIGNAL_GAP,
     WARNING,
     Notifier,
     Preflight,
@@ -42,10 +43,6 @@ from .engine import (
     worker_exits,
 )
 from .proc import ProcessTable
-
-#: Between two signals to one master: CPython runs a signal's handler once however often it arrived
-#: before the handler ran, so two TTINs sent back to back can add a single worker.
-SIGNAL_GAP = 0.1
 
 
 class Swap:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reloader import config, maintenance, pause_hook, recycle
+from reloader import config, maintenance, pause_hook, proc, recycle
 from reloader.render import render
 
 BASE = {"app": {"name": "a", "working_directory": "/srv/a", "wsgi": "app:app", "virtualenv": "/v"}}
@@ -64,14 +64,14 @@ def test_a_memory_recycle_retires_the_workers_up_to_the_youngest_one_over_the_li
         for _ in range(4):
             procs.append(subprocess.Popen(["sleep", "60"]))
             time.sleep(0.02)  # distinct start times (clock ticks)
-            while recycle.start_time(procs[-1].pid) <= (recycle.start_time(procs[-2].pid) if len(procs) > 1 else 0):
+            while proc.start_time(procs[-1].pid) <= (proc.start_time(procs[-2].pid) if len(procs) > 1 else 0):
                 time.sleep(0.01)
         pids = [p.pid for p in procs]
         assert recycle.oldest_through(list(reversed(pids)), {pids[1]}) == pids[:2]
         assert recycle.oldest_through(pids, {pids[3], pids[0]}) == pids
         assert recycle.oldest_through(pids, set()) == []
-        assert recycle.rss(pids[0]) > 0 and recycle.rss(2**22 + 7) == 0
-        assert recycle.over_memory(pids, 1) == {p: recycle.rss(p) for p in pids}
+        assert proc.rss(pids[0]) > 0 and proc.rss(2**22 + 7) == 0
+        assert recycle.over_memory(pids, 1) == {p: proc.rss(p) for p in pids}
         assert recycle.over_memory(pids, 1 << 40) == {}
     finally:
         for p in procs:
