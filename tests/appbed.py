@@ -207,10 +207,10 @@ class App:
 
     def stop_master_watch(self, p: subprocess.Popen, out: str = "/run/masters.jsonl",
                           stop: str = "/run/masters.stop") -> list[tuple[float, list[int]]]:
-        self._stop(p, stop, timeout=30)
+        self.stop_sampler(p, stop, timeout=30)
         return [tuple(json.loads(line)) for line in self.c.read_file(out).splitlines()]
 
-    def _stop(self, p: subprocess.Popen, stop: str, timeout: float) -> None:
+    def stop_sampler(self, p: subprocess.Popen, stop: str, timeout: float = 30) -> None:
         """Ask a sampler in the container to finish (its stop file) and wait; kill it past *timeout*."""
         self.c.run(["touch", stop])
         try:
@@ -282,5 +282,5 @@ class App:
 
     def stop_load(self, p: subprocess.Popen, out: str = "/run/loadgen.json",
                   stop: str = "/run/loadgen.stop") -> dict:
-        self._stop(p, stop, timeout=60)
+        self.stop_sampler(p, stop, timeout=60)
         return json.loads(self.c.read_file(out))

@@ -70,8 +70,7 @@ class Sampler:
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> list[tuple[float, int, int]]:
-        self.app.c.run(["touch", "/run/samples.stop"])
-        self.p.wait(timeout=30)
+        self.app.stop_sampler(self.p, "/run/samples.stop")
         rows = [line.split() for line in self.app.c.read_file("/run/samples").splitlines() if line]
         return [(float(t), int(s), int(p)) for t, s, p in rows]
 

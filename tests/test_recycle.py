@@ -62,8 +62,7 @@ class ReadySampler:
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> list[int]:
-        self.app.c.run(["touch", "/run/ready.stop"])
-        self.p.wait(timeout=30)
+        self.app.stop_sampler(self.p, "/run/ready.stop")
         return [int(line.split()[1]) for line in self.app.c.read_file("/run/ready.samples").splitlines() if line]
 
 
