@@ -157,9 +157,9 @@ class App:
         return n
 
     def variant(self, gunicorn: str = "", reload: str = "", setup: str = "", path: str = "/root/flaskapp.toml",
-                base: str = EXAMPLE) -> str:
-        """Write the example config with extra lines in [gunicorn] / [reload] and a [setup] section of
-        *setup*'s lines; returns its path."""
+                base: str = EXAMPLE, analysis: str = "") -> str:
+        """Write the example config with extra lines in [gunicorn] / [reload] and [setup] / [analysis]
+        sections of *setup*'s / *analysis*' lines; returns its path."""
         text = self.c.read_file(base)
         for line in (gunicorn + "\n" + reload).splitlines():  # a key given here replaces the example's
             if "=" in line:
@@ -172,6 +172,8 @@ class App:
             text += f"\n[reload]\n{reload}\n"
         if setup:
             text += f"\n[setup]\n{setup}\n"
+        if analysis:
+            text += f"\n[analysis]\n{analysis}\n"
         self.c.write_file(path, text)
         return path
 

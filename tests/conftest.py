@@ -73,8 +73,9 @@ import appbed  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "app_config(gunicorn='', reload='', setup='', flags=()): how the `app` fixture installs the "
-        "example app: extra [gunicorn] / [reload] / [setup] lines (App.variant) and `reloader install` flags")
+        "markers", "app_config(gunicorn='', reload='', setup='', analysis='', flags=()): how the `app` fixture "
+        "installs the example app: extra [gunicorn] / [reload] / [setup] / [analysis] lines (App.variant) and "
+        "`reloader install` flags")
 
 
 @pytest.fixture

@@ -110,8 +110,10 @@ def assert_no_failed_get(report: dict, long_at_least: int) -> None:
     assert report["long"]["total"] >= long_at_least, report["long"]
 
 
-#: The workers die 2 s after booting: within a bake of 5 s (the default 2 s can end just before).
-@pytest.mark.app_config(reload="bake_seconds = 5")
+#: The workers die 2 s after booting: within a bake of 5 s (the default 2 s can end just before). The
+#: whole generation is the canary: every new worker takes requests and dies under one (with the default
+#: single canary, only that one worker serves before the bake refuses, and it may die idle).
+@pytest.mark.app_config(reload="bake_seconds = 5", analysis="canary_workers = 4")
 def test_a_release_whose_workers_crash_after_boot_is_refused_and_no_get_fails(app: App) -> None:
     """The pre-flight passes (it does not run gunicorn), the gate opens, the new workers take requests
     and die 2 s after booting, each with a request in flight: nginx resends those, the bake refuses."""
