@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from . import setup_commands
+from . import releases, setup_commands
 from .config import AppConfig
 from .engine import Notifier
 
@@ -55,9 +55,7 @@ def run(app: AppConfig, release_dir: str, n: Notifier) -> str:
 def _record(app: AppConfig, value: dict) -> None:
     path = record_path(app)
     try:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value) + "\n")
-        os.replace(tmp, path)
+        releases.write_atomic(path, json.dumps(value) + "\n", 0o644)
     except OSError as e:  # the outcome is in STATUS= and the journal; only `reloader status` misses it
         print(f"reloader: {app.name}: cannot record the after_switch outcome in {path}: {e.strerror}", flush=True)
 

@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import releases
 from .config import AppConfig, ConfigError
 from .errors import Failed
 
@@ -161,9 +162,7 @@ def _prune(root: Path, keep: str) -> None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value) + "\n")
-    os.replace(tmp, path)
+    releases.write_atomic(path, json.dumps(value) + "\n", 0o644)
 
 
 def probe(app: AppConfig) -> tuple[int, str]:

@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from . import releases
 from .config import AppConfig, ConfigError
 from .errors import Failed
 
@@ -86,10 +87,7 @@ def pause(app: AppConfig, seconds: int) -> dict:
     path = Path(app.pause_flag)
     if not path.parent.is_dir():
         raise Failed(f"{app.name}: {path.parent} is missing; is {app.service} running?")
-    tmp = path.with_name(f".paused.{os.getpid()}")
-    tmp.write_text(json.dumps(flag) + "\n")
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    releases.write_atomic(path, json.dumps(flag) + "\n", 0o644)
     return flag
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import proc
+from . import proc, releases
 from .config import AppConfig
 from .engine import SIGNAL_GAP, Notifier, exclusive, ready_workers
 
@@ -210,11 +210,7 @@ def record_path(app: AppConfig) -> Path:
 
 
 def record(app: AppConfig, outcome: Outcome) -> None:
-    path = record_path(app)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(outcome)) + "\n")
-    os.replace(tmp, path)
+    releases.write_atomic(record_path(app), json.dumps(asdict(outcome)) + "\n", 0o644)
 
 
 def last(app: AppConfig) -> dict | None:
