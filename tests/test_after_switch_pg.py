@@ -96,6 +96,10 @@ for attempt in range(1, ATTEMPTS + 1):
     try:
         with psycopg.connect(os.environ["DATABASE_URL"], application_name="migrate") as conn:
             conn.execute(f"SET lock_timeout = '{{LOCK_TIMEOUT}}'")
+            # Whose connections are open now: the old release's ones must be gone before a contract step.
+            apps = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND application_name LIKE 'shop-%' GROUP BY 1 ORDER BY 1")
+            print(f"{{phase}}: app sessions {{dict(apps.fetchall())}}", flush=True)
             for sql in STEPS.get(phase, []):
                 conn.execute(sql)
     except psycopg.errors.LockNotAvailable as e:
@@ -209,6 +213,11 @@ def test_a_two_phase_migration_on_postgresql_drops_the_old_column_after_the_swit
     assert 0 <= retired < contracted, journal[-3000:]
     dropped = re.search(r"contract: done in (\d+) ms \(attempt (\d+)\)", journal)
     assert dropped, journal[-3000:]
+    # PostgreSQL's own view: release 1's connections were open during the expand step, gone at the contract.
+    sessions = re.findall(r"(expand|contract): app sessions (\{[^}]*\})", journal)
+    assert [phase for phase, _ in sessions[:2]] == ["expand", "contract"], sessions
+    assert "shop-v1" in sessions[0][1] and "shop-v1" not in sessions[1][1], sessions
+    assert "shop-v2" in sessions[1][1], sessions
 
     assert failed.returncode == 3, (failed.returncode, failed.stdout, failed.stderr)
     assert "after_switch failed" in failed.stdout and "not rolled back" in failed.stdout, failed.stdout
@@ -227,4 +236,4 @@ def test_a_two_phase_migration_on_postgresql_drops_the_old_column_after_the_swit
     print(f"\nmeasured: {report['total']} requests, {report['failed']} failed, answers by content {counts}; "
           f"deploy with the contract step {deploy_seconds:.1f} s, after_switch "
           f"{st['after_switch']['last']['seconds']} s, DROP COLUMN {dropped.group(1)} ms "
-          f"(attempt {dropped.group(2)})")
+          f"(attempt {dropped.group(2)}); sessions {sessions[:2]}; latency ms {report['latency_ms']}")
