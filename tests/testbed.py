@@ -13,6 +13,9 @@ Design decisions (each learned the hard way on the CI host):
   recipe so editing the recipe invalidates the cache automatically.
 * Every boot gets its own overlayfs on top of the cached tree, so tests can
   never pollute each other or the image.
+* Software only one test needs (PostgreSQL) is a cached layer over the image
+  (``LAYERS``, ``boot(layer=...)``): adding it to the recipe would rebuild
+  every image and enlarge every container.
 * The host's PID 1 is not systemd, so nspawn runs with ``--register=no
   --keep-unit`` and we place it in a fresh cgroup ourselves.
 * ``--console=read-only``: a passive console fills up and blocks PID 1.
