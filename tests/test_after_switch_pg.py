@@ -26,6 +26,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import testbed
@@ -127,10 +128,8 @@ V3 = V2.replace("v2", "v3", 1)
 
 
 @pytest.fixture
-def pg_container() -> Iterator[testbed.Container]:
+def pg_container(testbed_image: Path) -> Iterator[testbed.Container]:
     """A bookworm container with the ``postgresql`` layer, its cluster up, a role and database for the app."""
-    if problems := testbed.missing_prerequisites():
-        pytest.fail("container test bed unavailable: " + "; ".join(problems), pytrace=False)
     with testbed.boot("bookworm", layer="postgresql") as c:
         deadline = time.monotonic() + 60
         while c.run(["pg_isready", "-q", "-h", "/run/postgresql"], check=False).returncode != 0:
