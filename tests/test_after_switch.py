@@ -5,7 +5,8 @@ the old column, which the old release still reads) runs as after_switch, once th
 retired. Had it run any earlier, the old release's requests would fail: the load proves it did not. A
 failing after_switch leaves the new release serving (not a rollback) and `reloader deploy` exits 3.
 
-SQLite rather than PostgreSQL: the same ordering is proven without a database server in the test bed.
+SQLite here (no database server in the container); tests/test_after_switch_pg.py proves the same on a real
+PostgreSQL (a cached test-bed layer), with the migrations' lock_timeout and a contract step it blocks.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Design decisions (each learned the hard way on the CI host):
   recipe so editing the recipe invalidates the cache automatically.
 * Every boot gets its own overlayfs on top of the cached tree, so tests can
   never pollute each other or the image.
+* Software only one test needs (PostgreSQL) is a cached layer over the image
+  (``LAYERS``, ``boot(layer=...)``): adding it to the recipe would rebuild
+  every image and enlarge every container.
 * The host's PID 1 is not systemd, so nspawn runs with ``--register=no
   --keep-unit`` and we place it in a fresh cgroup ourselves.
 * ``--console=read-only``: a passive console fills up and blocks PID 1.
@@ -90,6 +93,14 @@ PIP_REQUIREMENTS = (
     "uvicorn-worker==0.4.0",
     "uvicorn==0.54.0",
 )
+#: Cached layers on top of an image, for the few tests that need software no other container should carry
+#: (in the recipe above it would rebuild every image and enlarge every container): name -> (apt packages,
+#: pip requirements added to /opt/venv).  :func:`ensure_layer` builds one once, like the image; a test boots
+#: it with ``boot(layer=NAME)``.
+LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # tests/test_after_switch_pg.py: Debian's PostgreSQL (its cluster starts at boot) and psycopg 3 for the app.
+    "postgresql": (("postgresql",), ("psycopg[binary]==3.3.9",)),
+}
 # Units that only slow a container down or fail on a read-only console.
 MASKED_UNITS = (
     "systemd-networkd-wait-online.service",
@@ -454,6 +465,71 @@ def ensure_image(suite: str = "bookworm") -> Path:
         return root
 
 
+def layer_dir(suite: str, name: str) -> Path:
+    """Cache directory of layer ``name`` on the current ``suite`` image (keyed by both recipes)."""
+    h = hashlib.sha256()
+    for part in (recipe_key(suite), name, repr(LAYERS[name]), inspect.getsource(_build_layer)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return CACHE_DIR / f"{suite}-{recipe_key(suite)}-{name}-{h.hexdigest()[:12]}"
+
+
+def _build_layer(image: Path, base: Path, apt: Sequence[str], pip: Sequence[str]) -> None:
+    """Install ``apt`` and ``pip`` into an overlay on ``image`` whose upper dir, ``base/upper``, is the layer."""
+    upper, work, merged = base / "upper", base / "work", base / "merged"
+    for d in (upper, work, merged):
+        d.mkdir()
+    _sh(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={image},upperdir={upper},workdir={work}",
+         str(merged)])
+    try:
+        with _chroot_mounts(merged):
+            log("layer: apt-get install " + " ".join(apt))
+            _chroot(merged, "apt-get", "update")
+            _chroot(merged, "apt-get", "install", "-y", "--no-install-recommends", *apt)
+            _chroot(merged, "apt-get", "clean")
+            if pip:
+                wheels = merged / "root/layer-wheels"
+                wheels.mkdir()
+                log("layer: pip install " + " ".join(pip))
+                _sh([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
+                     "--python-version", _image_python_version(merged), "--platform",
+                     f"manylinux2014_{os.uname().machine}", "--implementation", "cp", "-d", str(wheels), *pip],
+                    timeout=600)
+                _chroot(merged, "/opt/venv/bin/pip", "install", "--no-index", "--find-links", "/root/layer-wheels",
+                        *pip)
+                shutil.rmtree(wheels)
+    finally:
+        _unmount_all(merged)
+    _safe_rmtree(work)
+    merged.rmdir()
+
+
+def ensure_layer(suite: str, name: str) -> Path:
+    """Return the cached layer ``name`` (a key of :data:`LAYERS`) for ``suite``, building it if needed:
+    an overlay upper dir that :func:`boot` stacks on the image.  Locked and stamped like the image."""
+    image = ensure_image(suite)
+    base = layer_dir(suite, name)
+    stamp = base / ".complete"
+    with open(CACHE_DIR / f"{suite}-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists():
+            return base / "upper"
+        t0 = time.monotonic()
+        log(f"building layer {name} in {base}")
+        _safe_rmtree(base)
+        base.mkdir(parents=True)
+        apt, pip = LAYERS[name]
+        try:
+            _build_layer(image, base, apt, pip)
+        except BaseException:
+            log(f"build of layer {name} failed; removing {base}")
+            _safe_rmtree(base)
+            raise
+        stamp.write_text(f"built in {time.monotonic() - t0:.0f}s\n")
+        log(f"layer {name} ready after {time.monotonic() - t0:.1f}s")
+        return base / "upper"
+
+
 # --------------------------------------------------------------------------
 # Boot
 # --------------------------------------------------------------------------
@@ -495,8 +571,10 @@ class Container:
     """A booted container; build with :func:`boot`, always :meth:`stop` it."""
 
     def __init__(self, suite: str, image: Path, binds: Sequence[str] = (), network: Network | None = None,
-                 address: str = "") -> None:
+                 address: str = "", layers: Sequence[Path] = ()) -> None:
         self.suite = suite
+        #: Cached layers (:func:`ensure_layer`) stacked over the image, topmost first.
+        self.layers = list(layers)
         self.network = network
         self.address = address
         self.image = image
@@ -527,7 +605,7 @@ class Container:
                 "overlay",
                 "overlay",
                 "-o",
-                f"lowerdir={self.image},upperdir={upper},workdir={work}",
+                f"lowerdir={':'.join(map(str, [*self.layers, self.image]))},upperdir={upper},workdir={work}",
                 str(self.root),
             ]
         )
@@ -931,16 +1009,18 @@ def delete_netns(name: str) -> None:
 
 
 def boot(suite: str = "bookworm", binds: Sequence[str] = (), *, network: Network | None = None,
-         address: str = "") -> Container:
+         address: str = "", layer: str = "") -> Container:
     """Boot a fresh container of ``suite``; ``binds`` are nspawn ``--bind=`` specs.
 
     With ``network``, the container sits on that :class:`Network`'s bridge at ``address`` instead of
-    having a private network of its own.
+    having a private network of its own.  With ``layer`` (a key of :data:`LAYERS`), that cached layer
+    lies over the image.
     """
     image = ensure_image(suite)
+    layers = [ensure_layer(suite, layer)] if layer else []
     cleanup_stale()
     t0 = time.monotonic()
-    c = Container(suite, image, binds, network, address)
+    c = Container(suite, image, binds, network, address, layers)
     try:
         c._start()
     except BaseException:
