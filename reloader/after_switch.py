@@ -47,12 +47,14 @@ def run(app: AppConfig, release_dir: str, n: Notifier) -> str:
         error = str(e)
         n.status(f"after_switch failed: {error}; release {release} keeps serving (not a rollback: the old "
                  "generation has retired)")
-    _record(app, {"release": release, "result": "failed" if error else "ok", "error": error,
-                  "started": started, "seconds": round(time.time() - started, 2)})
+    record(app, release_dir, error, started)
     return error
 
 
-def _record(app: AppConfig, value: dict) -> None:
+def record(app: AppConfig, release_dir: str, error: str, started: float) -> None:
+    """The outcome for ``reloader status``: "" for a pass, else the one-line failure."""
+    value = {"release": os.path.basename(release_dir), "result": "failed" if error else "ok", "error": error,
+             "started": started, "seconds": round(time.time() - started, 2)}
     path = record_path(app)
     try:
         releases.write_atomic(path, json.dumps(value) + "\n", 0o644)

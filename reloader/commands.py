@@ -180,12 +180,18 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
     app = load(args.config)
     release = args.release or os.path.realpath(app.working_directory)
+    if os.environ.get("INVOCATION_ID"):  # NAME-setup.service, or the transient unit of a run by hand
+        try:
+            setup_commands.run(app, release, lambda text: print(f"reloader: {app.name}: {text}",
+                                                                file=sys.stderr, flush=True),
+                               after_switch=args.after_switch)
+        except setup_commands.SetupFailed as e:
+            raise Failed(f"{app.name}: {e}") from None
+        return 0
     try:
-        setup_commands.run(app, release, lambda text: print(f"reloader: {app.name}: {text}", file=sys.stderr,
-                                                            flush=True), after_switch=args.after_switch)
+        return setup_commands.by_hand(app, args.config, release, after_switch=args.after_switch)
     except setup_commands.SetupFailed as e:
         raise Failed(f"{app.name}: {e}") from None
-    return 0
 
 
 

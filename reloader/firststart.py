@@ -61,11 +61,15 @@ def properties(app: AppConfig) -> list[str]:
     return props
 
 
-def command(app: AppConfig, argv: list[str]) -> list[str]:
-    unit = f"{app.name}-preflight-{uuid.uuid4().hex[:8]}"
+def command(app: AppConfig, argv: list[str], *, what: str = "pre-flight", description: str = "",
+            seconds: int = 0) -> list[str]:
+    """*argv* in a transient unit NAME-WHAT-XXXXXXXX with the service's identity, environment and sandbox,
+    ended after *seconds* (default: the pre-flight's timeout)."""
+    unit = f"{app.name}-{what}-{uuid.uuid4().hex[:8]}"
+    description = description or f"pre-flight of {app.name}'s first start"
     return (["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", f"--unit={unit}",
-             f"--description=reloader: pre-flight of {app.name}'s first start",
-             f"--property=RuntimeMaxSec={app.preflight_timeout + 10}"]
+             f"--description=reloader: {description}",
+             f"--property=RuntimeMaxSec={(seconds or app.preflight_timeout) + 10}"]
             + [f"--setenv={key}={value}" for key, value in app.environment]
             + [f"--property={p}" for p in properties(app)] + ["--", *argv])
 

@@ -39,6 +39,45 @@ def environment(app: AppConfig) -> dict[str, str]:
     return env
 
 
+def by_hand(app: AppConfig, config: str, release_dir: str, *, after_switch: bool) -> int:
+    """``reloader setup CONFIG`` typed by an operator: the commands must run as the service runs them, as
+    the app's user in its sandbox and environment (``[app] environment``, ``environment_file``), not as
+    root with the operator's environment (a migration would reach another database, or leave root-owned
+    files). As root they run in a transient unit with the service's identity and sandbox
+    (reloader.firststart), which runs this command again inside; already as the app's user they run here.
+    The after_switch outcome is recorded for ``reloader status`` either way. Returns the exit status;
+    raises :class:`SetupFailed` for a command that failed here."""
+    from . import after_switch as contract
+    from . import firststart
+
+    started, error = time.time(), "not finished"
+    try:
+        if os.geteuid() != 0 or app.user == "root":
+            run(app, release_dir, lambda text: print(f"reloader: {app.name}: {text}", file=sys.stderr, flush=True),
+                after_switch=after_switch)
+            error = ""
+            return 0
+        if why := firststart.unavailable(app):
+            raise SetupFailed(f"cannot run the commands as {app.user} in {app.service}'s sandbox: {why}")
+        argv = [app.helper, "setup", os.path.abspath(config), "--release", release_dir]
+        argv += ["--after-switch"] if after_switch else []
+        cmd = firststart.command(app, argv, what="setup", seconds=app.setup.timeout + 30,
+                                 description=f"{app.name}'s setup commands, run by hand")
+        last = ""
+        with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
+            for line in proc.stderr or ():
+                sys.stderr.write(line)
+                last = line.strip() or last
+        error = (last or f"exit status {proc.returncode}") if proc.returncode else ""
+        return proc.returncode
+    except SetupFailed as e:
+        error = str(e)
+        raise
+    finally:
+        if after_switch:
+            contract.record(app, release_dir, error, started)
+
+
 def run(app: AppConfig, release_dir: str, status: Callable[[str], None],
         tick: Callable[[], None] = lambda: None, *, after_switch: bool = False) -> None:
     """Run every command in *release_dir*, in order, within ``[setup] timeout`` in total.

@@ -126,3 +126,25 @@ def test_a_two_phase_migration_contracts_after_the_switch_under_load_and_a_failu
     assert st["after_switch"]["last"]["result"] == "failed" and st["after_switch"]["last"]["release"] == "3", st
     assert st["live_release"].endswith("/3"), st["live_release"]
     assert "after_switch FAILED" in app.c.run(["reloader", "status", "flaskapp"]).stdout
+
+    # Fixed, and run again by hand as root (as the failure tells): as the service runs it, as flaskapp in
+    # its sandbox with [app] environment, not as root with the operator's environment; recorded.
+    config_text = app.c.read_file("/etc/reloader/flaskapp.toml")
+    assert "[app]\n" in config_text
+    app.c.write_file("/etc/reloader/flaskapp.toml",
+                     config_text.replace("[app]\n", '[app]\nenvironment = { MIGRATION_TAG = "from-the-unit" }\n', 1))
+    app.c.write_file("/srv/flaskapp/releases/3/migrate.py", f"""import getpass, os, sqlite3
+c = sqlite3.connect({DB!r}, timeout=10)
+c.execute("CREATE TABLE ran (who TEXT, tag TEXT)")
+c.execute("INSERT INTO ran VALUES (?, ?)", (getpass.getuser(), os.environ.get("MIGRATION_TAG", "")))
+c.commit()
+""")
+    r = app.c.run(["env", "MIGRATION_TAG=from-root", "reloader", "setup", "/etc/reloader/flaskapp.toml",
+                   "--after-switch", "--release", "/srv/flaskapp/releases/3"], check=False, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    ran = app.c.run(["python3", "-c", f"import sqlite3; print(sqlite3.connect({DB!r})"
+                                      ".execute('SELECT who, tag FROM ran').fetchall())"]).stdout.strip()
+    assert ran == "[('flaskapp', 'from-the-unit')]", ran
+    st = json.loads(app.c.run(["reloader", "status", "flaskapp", "--json"]).stdout)
+    assert st["after_switch"]["last"]["result"] == "ok" and st["after_switch"]["last"]["release"] == "3", st
+    assert app.version() == "v3"
