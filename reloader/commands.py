@@ -429,7 +429,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--notify-reload", action="store_true",
                    help="render Type=notify-reload (systemd >= 253). The default Type=notify is more robust: "
                    "a reload helper killed mid-reload ends the reload at once, while under notify-reload "
-                   "(systemd 257) the unit stays reloading until `systemctl restart`; see README")
+                   "(systemd 257) the unit stays reloading until `systemctl restart`; see docs/how-a-reload-works.md")
     p.add_argument("--restart", action="store_true",
                    help="restart the running service when a change needs it (writable paths, user): a reload "
                    "cannot apply those; with socket_activation the socket holds connections meanwhile")
