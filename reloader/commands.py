@@ -30,7 +30,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     """A verified deploy of the previous (or the named) proven release, through the strategy's own deploy
     (blue-green: onto the idle colour; rolling: across the instances). Blue-green without RELEASE instead
     switches back to the previous colour (during a deploy's bake, or after it)."""
-    from . import fleet, releases
+    from . import fleet, proc, releases
     from .bus import Systemd, client_wait
     from .engine import Notifier, Refused, try_lock
 
@@ -51,9 +51,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             request = Path(app.rollback_request)
             request.write_text("1\n")
             print(f"{app.name}: a deploy is running; asked it to switch back")
-            deadline = time.monotonic() + client_wait(app.reload_budget)
-            while sd.state(app.service).active_state == "reloading" and time.monotonic() < deadline:
-                time.sleep(0.2)
+            proc.wait_for(lambda: sd.state(app.service).active_state != "reloading",
+                          client_wait(app.reload_budget), interval=0.2)
             request.unlink(missing_ok=True)  # taken, or too late: never left for a later deploy
             st = sd.state(app.service)
             if "rolled back on operator request" not in st.status_text:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import subprocess
 import sys
@@ -149,9 +150,7 @@ def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False, release
     *release_dir* / *python*: the release and interpreter the caller resolved (default: the configured ones).
     """
     check = Preflight(app, n, as_app_user=as_app_user, release_dir=release_dir, python=python)
-    while not check.done():
-        n.extend()
-        time.sleep(0.05)
+    proc.wait_for(check.done, math.inf, tick=n.extend)  # done() enforces preflight_timeout
     check.result()
 
 
@@ -201,9 +200,7 @@ class Preflight:
 
     def result(self) -> None:
         """Wait for the verdict; raise Refused if the release failed it (the same one every call)."""
-        while not self.done():
-            self.n.extend()
-            time.sleep(0.05)
+        proc.wait_for(self.done, math.inf, tick=self.n.extend)  # done() enforces preflight_timeout
         if self._verdict is False:
             self._verdict = self._judge()
             if self._verdict is None:
