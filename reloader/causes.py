@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
+from . import proc
 from .config import AppConfig
 from .run import run
 
@@ -74,17 +74,19 @@ def unit_output(unit: str, since: float, *, wait: float = 3.0, until: str = "") 
     lines about the unit (those come from PID 1, in init.scope). journald takes the lines from the
     process's stream asynchronously: wait up to *wait* seconds for a line containing *until* (or for
     any line, without it)."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            r = run(["journalctl", f"_SYSTEMD_UNIT={unit}", f"--since=@{since:.0f}", "-o", "cat", "--no-pager",
-                     "-n", "200"], check=False, timeout=30)
-            lines = [line for line in r.stdout.splitlines() if line.strip()]
-        except Exception:  # noqa: BLE001 - no journalctl: the caller falls back to "see journalctl"
-            return []
-        if (any(until in line for line in lines) if until else lines) or time.monotonic() >= deadline:
-            return lines
-        time.sleep(0.2)
+    lines: list[str] = []
+
+    def enough() -> bool:
+        r = run(["journalctl", f"_SYSTEMD_UNIT={unit}", f"--since=@{since:.0f}", "-o", "cat", "--no-pager",
+                 "-n", "200"], check=False, timeout=30)
+        lines[:] = [line for line in r.stdout.splitlines() if line.strip()]
+        return any(until in line for line in lines) if until else bool(lines)
+
+    try:
+        proc.wait_for(enough, wait, interval=0.2)
+    except Exception:  # noqa: BLE001 - no journalctl: the caller falls back to "see journalctl"
+        return []
+    return lines
 
 
 def summarize(lines: list[str], app: AppConfig, root: str = "") -> str:

@@ -1,4 +1,4 @@
-"""The ``reloader`` command: thin argument parsing over the modules that do the work.
+"""The ``reloader`` command: thin argument parsing over the modules that do the work, and ``render`` / ``check``.
 
 Exit codes: 0 ok, 1 the operation failed, 2 usage or config error.
 """
@@ -32,6 +32,16 @@ def cmd_render(args: argparse.Namespace) -> int:
     for path in write_tree(files, Path(args.output)):
         print(path)
     return EXIT_OK
+
+
+def parser_render(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="render the units, gunicorn config and nginx site of CONFIG")
+    p.add_argument("config", metavar="CONFIG", help="the app's TOML config")
+    p.add_argument("-o", "--output", metavar="DIR", help="write the files under DIR (all or nothing); "
+                   "without it, print them")
+    p.add_argument("--notify-reload", action="store_true",
+                   help="render Type=notify-reload (systemd >= 253) instead of Type=notify")
+    p.set_defaults(func=cmd_render)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -80,6 +90,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise Failed(f"{args.config}: {len(problems)} problem(s) in the rendered files")
     print(f"{args.config}: ok ({len(files)} files render and verify{sandboxed})")
     return EXIT_OK
+
+
+def parser_check(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="validate CONFIG, systemd-analyze verify the units, nginx -t the site")
+    p.add_argument("config", metavar="CONFIG")
+    p.set_defaults(func=cmd_check)
 
 
 def _check_in_sandbox(app: AppConfig, problems: list[str]) -> str:
@@ -136,7 +152,47 @@ def _check_virtualenv(app: AppConfig) -> list[str]:
 
 
 # --- parser ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+# Which module declares each command (its handler and, beside it, its command line), in `--help` order. A
+# command imports only its own module: the hooks systemd runs on every reload (reloader.systemd_hooks) never
+# load the operator's commands (the load generator behind `verify`, the builder, the installer).
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    # name, module, the module's function adding its parser
+    ("render", "cli", "parser_render"),
+    ("check", "cli", "parser_check"),
+    ("install", "commands", "parser_install"),
+    ("init", "commands", "parser_init"),
+    ("setup", "systemd_hooks", "parser_setup"),
+    ("deploy", "commands", "parser_deploy"),
+    ("reload", "commands", "parser_deploy"),
+    ("releases", "commands", "parser_releases"),
+    ("status", "commands", "parser_status"),
+    ("uninstall", "commands", "parser_uninstall"),
+    ("exec-reload", "systemd_hooks", "parser_exec_reload"),
+    ("exec-started", "systemd_hooks", "parser_exec_started"),
+    ("rollback", "commands", "parser_rollback"),
+    ("instances-start", "systemd_hooks", "parser_instances"),
+    ("instances-stop", "systemd_hooks", "parser_instances"),
+    ("nginx-reload", "systemd_hooks", "parser_nginx_reload"),
+    ("verify", "verify", "parser_verify"),
+    ("recycle", "toolkit", "parser_recycle"),
+    ("maintenance", "toolkit", "parser_maintenance"),
+    ("pause", "toolkit", "parser_pause"),
+    ("resume", "toolkit", "parser_resume"),
+)
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The command ``argv`` names, when nothing before it but ``-v`` could need the whole parser (``--help``,
+    ``--version``, a typo): then only that command's module is imported."""
+    for arg in argv:
+        if arg in ("-v", "--verbose"):
+            continue
+        return arg if any(arg == name for name, _, _ in COMMANDS) else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (``command``) the global options and that one command only."""
     parser = argparse.ArgumentParser(
         prog="reloader",
         description="Zero-downtime, verified `systemctl reload` for Gunicorn apps behind nginx under systemd.",
@@ -144,27 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reloader {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every command reloader runs (stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("render", help="render the units, gunicorn config and nginx site of CONFIG")
-    p.add_argument("config", metavar="CONFIG", help="the app's TOML config")
-    p.add_argument("-o", "--output", metavar="DIR", help="write the files under DIR (all or nothing); "
-                   "without it, print them")
-    p.add_argument("--notify-reload", action="store_true",
-                   help="render Type=notify-reload (systemd >= 253) instead of Type=notify")
-    p.set_defaults(func=cmd_render)
-
-    p = sub.add_parser("check", help="validate CONFIG, systemd-analyze verify the units, nginx -t the site")
-    p.add_argument("config", metavar="CONFIG")
-    p.set_defaults(func=cmd_check)
-
-    from .commands import add_parsers
-
-    add_parsers(sub)
+    for name, module, function in COMMANDS:
+        if command is None or name == command:
+            # __import__, not importlib.import_module: the import statement's own path, which
+            # `python3 -X importtime` reports (it does not see importlib's).
+            declaring = __import__(f"{__package__}.{module}", fromlist=[function])
+            getattr(declaring, function)(sub, name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(command_in(argv))
     args = parser.parse_args(argv)
     if args.verbose:
         import logging

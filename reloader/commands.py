@@ -1,7 +1,8 @@
-"""The command entry points behind ``reloader COMMAND`` and their command lines (:func:`add_parsers`). Each is
-thin: it calls the module that does the work (reloader.install, reloader.swap / reloader.fleet, reloader.releases,
-reloader.verify) and reports. The hooks systemd runs (exec-reload, exec-started,
-instances-start/-stop, nginx-reload) come first, then the operator's commands.
+"""The operator's commands behind ``reloader COMMAND``, each with its command line beside it
+(``parser_<command>``; reloader.cli lists which module declares which command). Each is thin: it calls the
+module that does the work (reloader.install, reloader.build, reloader.swap / reloader.fleet, reloader.releases)
+and reports. The hooks systemd runs are apart, in reloader.systemd_hooks; ``verify`` is in reloader.verify,
+the toolkit (recycle, maintenance, pause, resume) in reloader.toolkit.
 
 All systemd interaction goes through :mod:`reloader.bus` (D-Bus); nothing here runs ``systemctl``.
 """
@@ -19,67 +20,17 @@ from . import registry
 from .config import AppConfig, ConfigError, load
 from .errors import Failed
 
-
-# --- hooks (run by systemd) -----------------------------------------------------------------------------
-def cmd_exec_reload(args: argparse.Namespace) -> int:
-    """``ExecReload=`` of an app's service: swap generations (see reloader.swap)."""
-    from .engine import Notifier
-    from .swap import Swap
-
-    app = load(args.config)
-    if app.multi_instance:
-        from . import fleet
-
-        return fleet.run(app, "deploy")
-    notifier = Notifier(app.name)
-    bus = None
-
-    def main_pid_from_bus() -> int:
-        nonlocal bus
-        from .bus import Systemd
-
-        if bus is None:
-            bus = Systemd(timeout=30)
-        return bus.main_pid(app.service)
-
-    try:
-        main_pid = int(os.environ.get("MAINPID") or 0) or main_pid_from_bus()
-    except ValueError:
-        main_pid = main_pid_from_bus()
-    try:
-        return Swap(app, main_pid, notifier, main_pid_from_bus).run(notify_reload=args.notify_reload)
-    finally:
-        if bus is not None:
-            bus.close()
+FROM_HELP = ("build a new release RELEASES_ROOT/N from SRC (a directory, a tarball, a git ref of the current "
+             "directory's repository or REPO_DIR@REF) with the [build] steps, then deploy it; a failed build "
+             "leaves nothing behind")
 
 
-def cmd_exec_started(args: argparse.Namespace) -> int:
-    """``ExecStartPost=`` of an app's service: record the first live release, report what serves."""
-    from .engine import Notifier
-    from .swap import report_start
-
-    app = load(args.config)
-    try:
-        main_pid = int(os.environ.get("MAINPID") or 0)
-    except ValueError:
-        main_pid = 0
-    if not main_pid:
-        raise Failed("exec-started runs as the service's ExecStartPost= (no $MAINPID)")
-    return report_start(app, main_pid, Notifier(app.name))
-
-
-def cmd_instances(args: argparse.Namespace) -> int:
-    """``ExecStart=``/``ExecStop=`` of a blue-green/rolling controller unit: bring the instances up or down."""
-    from . import fleet
-
-    return fleet.run(load(args.config), args.action)
-
-
+# --- rollback, install, init, uninstall -----------------------------------------------------------------
 def cmd_rollback(args: argparse.Namespace) -> int:
     """A verified deploy of the previous (or the named) proven release, through the strategy's own deploy
     (blue-green: onto the idle colour; rolling: across the instances). Blue-green without RELEASE instead
     switches back to the previous colour (during a deploy's bake, or after it)."""
-    from . import fleet, releases
+    from . import fleet, proc, releases
     from .bus import Systemd, client_wait
     from .engine import Notifier, Refused, try_lock
 
@@ -100,9 +51,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             request = Path(app.rollback_request)
             request.write_text("1\n")
             print(f"{app.name}: a deploy is running; asked it to switch back")
-            deadline = time.monotonic() + client_wait(app.reload_budget)
-            while sd.state(app.service).active_state == "reloading" and time.monotonic() < deadline:
-                time.sleep(0.2)
+            proc.wait_for(lambda: sd.state(app.service).active_state != "reloading",
+                          client_wait(app.reload_budget), interval=0.2)
             request.unlink(missing_ok=True)  # taken, or too late: never left for a later deploy
             st = sd.state(app.service)
             if "rolled back on operator request" not in st.status_text:
@@ -118,10 +68,15 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_nginx_reload(_args: argparse.Namespace) -> int:
-    from . import nginx
+def parser_rollback(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="verified reload onto the previous (or the named) proven release; "
+                       "blue-green: switch NAME back to the previous colour")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("release", metavar="RELEASE", nargs="?", help="a release that was live before (blue-green "
+                   "without RELEASE switches back to the previous colour)")
+    p.set_defaults(func=cmd_rollback)
 
-    return nginx.exec_reload()
+
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -132,6 +87,21 @@ def cmd_install(args: argparse.Namespace) -> int:
         return _install_from(args)
     return install.install(args.config, dry_run=args.dry_run, allow_restart=args.restart,
                            notify_reload=args.notify_reload)
+
+
+def parser_install(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="render CONFIG, install its units and nginx site, start or reload it")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    p.add_argument("--notify-reload", action="store_true",
+                   help="render Type=notify-reload (systemd >= 253). The default Type=notify is more robust: "
+                   "a reload helper killed mid-reload ends the reload at once, while under notify-reload "
+                   "(systemd 257) the unit stays reloading until `systemctl restart`; see docs/how-a-reload-works.md")
+    p.add_argument("--restart", action="store_true",
+                   help="restart the running service when a change needs it (writable paths, user): a reload "
+                   "cannot apply those; with socket_activation the socket holds connections meanwhile")
+    p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
+    p.set_defaults(func=cmd_install)
 
 
 def _install_from(args: argparse.Namespace) -> int:
@@ -168,31 +138,25 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_init(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="detect a Flask/Django/FastAPI app in DIR (default .) and write a commented "
+                       "TOML for it (release layout, state_directory, build and setup steps); never overwrites")
+    p.add_argument("directory", metavar="DIR", nargs="?", default=".")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write (default: NAME.toml here)")
+    p.add_argument("--name", help="the app's name (default: DIR's name)")
+    p.set_defaults(func=cmd_init)
+
+
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from . import install
 
     return install.uninstall(args.name)
 
 
-def cmd_setup(args: argparse.Namespace) -> int:
-    """``ExecStart=`` of NAME-setup.service (and usable by hand): run the [setup] commands in a release."""
-    from . import setup_commands
-
-    app = load(args.config)
-    release = args.release or os.path.realpath(app.working_directory)
-    if os.environ.get("INVOCATION_ID"):  # NAME-setup.service, or the transient unit of a run by hand
-        try:
-            setup_commands.run(app, release, lambda text: print(f"reloader: {app.name}: {text}",
-                                                                file=sys.stderr, flush=True),
-                               after_switch=args.after_switch)
-        except setup_commands.SetupFailed as e:
-            raise Failed(f"{app.name}: {e}") from None
-        return 0
-    try:
-        return setup_commands.by_hand(app, args.config, release, after_switch=args.after_switch)
-    except setup_commands.SetupFailed as e:
-        raise Failed(f"{app.name}: {e}") from None
-
+def parser_uninstall(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="stop and disable NAME and remove exactly the files install wrote")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_uninstall)
 
 
 # --- deploy / status ------------------------------------------------------------------------------------
@@ -215,6 +179,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except releases.BadRelease as e:
         raise ConfigError(f"--release {e}") from None
     return _deploy(app, args, target)
+
+
+def parser_deploy(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="reload NAME over D-Bus and report whether the new release is serving")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--timeout", type=float, default=0, help="seconds to wait for the reload job (default: "
+                   "the app's TimeoutStartSec= + 30, so the command reports systemd's verdict)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--release", metavar="DIR", help="point current at DIR (a directory in the releases root) "
+                   "and deploy it; current is put back if DIR is refused")
+    p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
+    p.set_defaults(func=cmd_deploy)
 
 
 def _deploy(app: AppConfig, args: argparse.Namespace, target: str = "", action: str = "deploy") -> int:
@@ -328,6 +304,13 @@ def cmd_releases(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_releases(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="NAME's releases: live, previous, refused (why, when), never tried")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_releases)
+
+
 def _print_analysis(record: dict | None, indent: str = "") -> None:
     """The last deploy's traffic comparison (reloader.traffic), when there was one."""
     from . import traffic
@@ -386,6 +369,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def parser_status(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="state of NAME (or of every managed app)")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+
 def _release_state(app: AppConfig) -> dict:
     """The live release (what serves), separately the last refused one and why, and what current names."""
     from . import releases
@@ -421,94 +411,3 @@ def _instances(app: AppConfig, sd: object) -> list[dict]:
                     "workers": len(proc.children(st.main_pid)) if st.main_pid else 0,
                     "release": os.path.basename(fleet.pinned(instance))})
     return out
-
-
-FROM_HELP = ("build a new release RELEASES_ROOT/N from SRC (a directory, a tarball, a git ref of the current "
-             "directory's repository or REPO_DIR@REF) with the [build] steps, then deploy it; a failed build "
-             "leaves nothing behind")
-
-
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("install", help="render CONFIG, install its units and nginx site, start or reload it")
-    p.add_argument("config", metavar="CONFIG")
-    p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
-    p.add_argument("--notify-reload", action="store_true",
-                   help="render Type=notify-reload (systemd >= 253). The default Type=notify is more robust: "
-                   "a reload helper killed mid-reload ends the reload at once, while under notify-reload "
-                   "(systemd 257) the unit stays reloading until `systemctl restart`; see README")
-    p.add_argument("--restart", action="store_true",
-                   help="restart the running service when a change needs it (writable paths, user): a reload "
-                   "cannot apply those; with socket_activation the socket holds connections meanwhile")
-    p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
-    p.set_defaults(func=cmd_install)
-
-    p = sub.add_parser("init", help="detect a Flask/Django/FastAPI app in DIR (default .) and write a commented "
-                       "TOML for it (release layout, state_directory, build and setup steps); never overwrites")
-    p.add_argument("directory", metavar="DIR", nargs="?", default=".")
-    p.add_argument("-o", "--output", metavar="FILE", help="where to write (default: NAME.toml here)")
-    p.add_argument("--name", help="the app's name (default: DIR's name)")
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("setup", help="run the [setup] commands of CONFIG in a release (NAME-setup.service's "
-                       "ExecStart=; the service's ExecReload= runs them on every deploy)")
-    p.add_argument("config", metavar="CONFIG")
-    p.add_argument("--release", metavar="DIR", help="the release directory (default: working_directory resolved)")
-    p.add_argument("--after-switch", action="store_true", help="run the [setup] after_switch commands instead "
-                   "(e.g. again by hand after one failed; a deploy runs them once the old generation retired)")
-    p.set_defaults(func=cmd_setup)
-
-    for alias in ("deploy", "reload"):
-        p = sub.add_parser(alias, help="reload NAME over D-Bus and report whether the new release is serving")
-        p.add_argument("name", metavar="NAME")
-        p.add_argument("--timeout", type=float, default=0, help="seconds to wait for the reload job (default: "
-                       "the app's TimeoutStartSec= + 30, so the command reports systemd's verdict)")
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--release", metavar="DIR", help="point current at DIR (a directory in the releases root) "
-                       "and deploy it; current is put back if DIR is refused")
-        p.add_argument("--from", dest="from_source", metavar="SRC", help=FROM_HELP)
-        p.set_defaults(func=cmd_deploy)
-
-    p = sub.add_parser("releases", help="NAME's releases: live, previous, refused (why, when), never tried")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_releases)
-
-    p = sub.add_parser("status", help="state of NAME (or of every managed app)")
-    p.add_argument("name", metavar="NAME", nargs="?")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("uninstall", help="stop and disable NAME and remove exactly the files install wrote")
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_uninstall)
-
-    p = sub.add_parser("exec-reload", help="(systemd hook) the app service's ExecReload=")
-    p.add_argument("config", metavar="CONFIG")
-    p.add_argument("--notify-reload", action="store_true", help="the unit is Type=notify-reload")
-    p.set_defaults(func=cmd_exec_reload)
-
-    p = sub.add_parser("exec-started", help="(systemd hook) the app service's ExecStartPost=")
-    p.add_argument("config", metavar="CONFIG")
-    p.set_defaults(func=cmd_exec_started)
-
-    p = sub.add_parser("rollback", help="verified reload onto the previous (or the named) proven release; "
-                       "blue-green: switch NAME back to the previous colour")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("release", metavar="RELEASE", nargs="?", help="a release that was live before (blue-green "
-                   "without RELEASE switches back to the previous colour)")
-    p.set_defaults(func=cmd_rollback)
-
-    for action, hook in (("start", "ExecStart="), ("stop", "ExecStop=")):
-        p = sub.add_parser(f"instances-{action}", help=f"(systemd hook) blue-green/rolling controller's {hook}")
-        p.add_argument("config", metavar="CONFIG")
-        p.set_defaults(func=cmd_instances, action=action)
-
-    p = sub.add_parser("nginx-reload", help="(systemd hook) nginx.service's ExecReload=: test, reload, verify")
-    p.set_defaults(func=cmd_nginx_reload)
-
-    from . import toolkit, verify
-
-    verify.add_parser(sub)
-    toolkit.add_parsers(sub)
-
-

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +23,7 @@ from pathlib import Path
 from . import proc
 from .config import AppConfig
 from .proc import ProcessTable
+from .run import spawn
 
 #: Between two signals to one master: CPython runs a signal's handler once however often it arrived
 #: before the handler ran, so two TTINs sent back to back can add a single worker.
@@ -149,9 +150,7 @@ def preflight(app: AppConfig, n: Notifier, *, as_app_user: bool = False, release
     *release_dir* / *python*: the release and interpreter the caller resolved (default: the configured ones).
     """
     check = Preflight(app, n, as_app_user=as_app_user, release_dir=release_dir, python=python)
-    while not check.done():
-        n.extend()
-        time.sleep(0.05)
+    proc.wait_for(check.done, math.inf, tick=n.extend)  # done() enforces preflight_timeout
     check.result()
 
 
@@ -163,8 +162,6 @@ class Preflight:
 
     def __init__(self, app: AppConfig, n: Notifier, *, as_app_user: bool = False, release_dir: str = "",
                  python: str = "") -> None:
-        import threading
-
         self.app, self.n = app, n
         release_dir = release_dir or app.working_directory
         python = python or app.python
@@ -172,47 +169,38 @@ class Preflight:
                  f"requesting {app.health_path}")
         script = Path(__file__).with_name("preflight.py")
         drop = {"user": app.user, "group": app.group, "extra_groups": []} if as_app_user else {}
-        try:
-            self.p = subprocess.Popen([python, str(script), *preflight_args(app)], cwd=release_dir,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True, **drop)
-        except OSError as e:
-            raise Refused(f"cannot run the pre-flight with {python}: {e.strerror}") from None
-        self.started = time.monotonic()
         self.finished = 0.0  #: when its process ended (monotonic)
-        self.deadline = self.started + app.preflight_timeout
         self.timed_out = False
         self.output = ("", "")
-        # communicate() in a thread: the pipes are drained whatever the app prints while we poll.
-        self._reader = threading.Thread(target=self._communicate, daemon=True)
-        self._reader.start()
+        try:
+            # communicate() in spawn's thread: the pipes are drained whatever the app prints while we poll.
+            self.child = spawn([python, str(script), *preflight_args(app)], self._communicate,
+                               timeout=app.preflight_timeout, cwd=release_dir, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, **drop)
+        except OSError as e:
+            raise Refused(f"cannot run the pre-flight with {python}: {e.strerror}") from None
+        self.p = self.child.p
+        self.started, self.deadline = self.child.started, self.child.deadline
         self._verdict: Refused | None | bool = False  # False: not decided yet
 
-    def _communicate(self) -> None:
-        self.output = self.p.communicate()
+    def _communicate(self, p: subprocess.Popen) -> None:
+        self.output = p.communicate()
         self.finished = time.monotonic()
 
     def done(self) -> bool:
-        if self._reader.is_alive() and time.monotonic() >= self.deadline:
+        if self.child.draining() and self.child.overdue():
             self.timed_out = True
             self.stop()
-        return not self._reader.is_alive()
+        return not self.child.draining()
 
     def stop(self) -> None:
         if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except PermissionError:  # no CAP_KILL: at least the process we started
-                self.p.kill()
-            except ProcessLookupError:
-                pass
-        self._reader.join()
+            self.child.kill()
+        self.child.join()
 
     def result(self) -> None:
         """Wait for the verdict; raise Refused if the release failed it (the same one every call)."""
-        while not self.done():
-            self.n.extend()
-            time.sleep(0.05)
+        proc.wait_for(self.done, math.inf, tick=self.n.extend)  # done() enforces preflight_timeout
         if self._verdict is False:
             self._verdict = self._judge()
             if self._verdict is None:

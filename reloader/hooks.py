@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import releases
+from . import proc, releases
 from .config import AppConfig
 
 
@@ -63,13 +63,10 @@ def _own_unit() -> str:
     """The system unit this command runs in, when systemd started it (not a login session's scope)."""
     if not os.environ.get("INVOCATION_ID"):
         return ""
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            name = line.rpartition("/")[2]
-            if name.endswith((".service", ".timer")):
-                return name
-    except OSError:
-        pass
+    for line in proc.cgroup(os.getpid()).splitlines():
+        name = line.rpartition("/")[2]
+        if name.endswith((".service", ".timer")):
+            return name
     return ""
 
 

@@ -148,10 +148,7 @@ def _root(app: AppConfig) -> Path:
 
 
 def _point_active(root: Path, target: str) -> None:
-    tmp = root / f".active.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, root / "active")
+    releases.replace_symlink(root / "active", target, suffix=str(os.getpid()))
 
 
 def _prune(root: Path, keep: str) -> None:

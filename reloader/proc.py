@@ -17,20 +17,26 @@ from pathlib import Path
 from typing import Protocol
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces and parentheses, so
+    it is cut at the last ")"): [0] the state, [1] the parent, [19] the start time. OSError if gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def alive(pid: int) -> bool:
     """True while *pid* exists and is not a zombie."""
     if pid <= 0:
         return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = _stat(pid)
     except OSError:
         return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    return stat[0] != "Z"
 
 
 def ppid(pid: int) -> int:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        return int(_stat(pid)[1])
     except (OSError, IndexError, ValueError):
         return 0
 
@@ -49,7 +55,7 @@ def rss(pid: int) -> int:
 def start_time(pid: int) -> int:
     """When *pid* started (clock ticks since boot): the order gunicorn gives its workers' ages."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+        return int(_stat(pid)[19])
     except (OSError, ValueError, IndexError):
         return 0
 

@@ -178,10 +178,7 @@ def _save(app: AppConfig, records: Records) -> None:
         if entry is None:
             link.unlink(missing_ok=True)
             continue
-        tmp = state / f".{name}.new"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(entry.release)
-        os.replace(tmp, link)
+        replace_symlink(link, entry.release)
 
 
 def record_outcome(app: AppConfig, outcome: dict, keep: int = 100) -> Records:
@@ -207,6 +204,15 @@ def write_atomic(path: Path, content: str, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_symlink(link: Path, target: str, suffix: str = "new") -> None:
+    """Point *link* at *target* atomically: a new link ``.NAME.SUFFIX`` beside it, renamed over it (rename(2)),
+    so a reader resolves the old target or the new one, never none."""
+    tmp = link.with_name(f".{link.name}.{suffix}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
 
 
 # --- the next master's boot --------------------------------------------------------------------------
@@ -308,10 +314,7 @@ def point_current(app: AppConfig, release_dir: str) -> str:
     if not link.is_symlink():
         raise BadRelease(f"{link} (working_directory) is not a symlink; --release needs one to point")
     before = os.readlink(link)
-    tmp = link.with_name(f".{link.name}.reloader")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(release_dir)
-    os.replace(tmp, link)
+    replace_symlink(link, release_dir, suffix="reloader")
     return before
 
 

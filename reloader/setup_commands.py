@@ -12,15 +12,14 @@ from __future__ import annotations
 import collections
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
 from .causes import TracebackWatcher
 from .config import AppConfig
+from .run import spawn
 
 #: Output lines kept for the one-line failure (STATUS= and the error); the journal gets all of them.
 TAIL_LINES = 3
@@ -97,18 +96,13 @@ def run(app: AppConfig, release_dir: str, status: Callable[[str], None],
 
 def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], deadline: float, budget: int,
              tick: Callable[[], None], what: str = "setup") -> str:
-    try:
-        p = subprocess.Popen(list(words), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-    except OSError as e:
-        raise SetupFailed(f"{what} command {line!r} could not start: {e.strerror} ({words[0]})") from None
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     # The last exception with the app's file:line: a CLI that cannot import the app (flask's "Error: No
     # such command 'db'") names only its own usage in the last lines.
     watcher = TracebackWatcher(cwd)
     exception = [""]
 
-    def pump() -> None:
+    def pump(p: subprocess.Popen) -> None:
         assert p.stdout is not None
         for out in p.stdout:
             out = out.rstrip()
@@ -118,24 +112,25 @@ def _run_one(words: tuple[str, ...], line: str, cwd: str, env: dict[str, str], d
                 watcher.feed(out)
                 exception[0] = watcher.cause()
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    try:
+        child = spawn(words, pump, deadline=deadline, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    except OSError as e:
+        raise SetupFailed(f"{what} command {line!r} could not start: {e.strerror} ({words[0]})") from None
+    p = child.p
     while True:
         try:
             p.wait(timeout=1)
             break
         except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except OSError:
-                    p.kill()
+            if child.overdue():
+                child.kill()
                 p.wait()
-                reader.join(5)
+                child.join(5)
                 raise SetupFailed(f"{what} command {line!r} timed out ([setup] timeout = {budget} s)"
                                   + _tail(tail, exception[0])) from None
             tick()
-    reader.join(5)
+    child.join(5)
     if p.returncode != 0:
         raise SetupFailed(f"{what} command {line!r} failed with exit status {p.returncode}"
                           + _tail(tail, exception[0]))

@@ -1,5 +1,5 @@
 """The operator toolkit's commands, beyond the deploy: ``reloader recycle``, ``maintenance``, ``pause`` and
-``resume`` (their command lines in :func:`add_parsers`), and what ``reloader status`` shows of them.
+``resume`` (each with its command line beside it), and what ``reloader status`` shows of them.
 
 Thin, like reloader.commands: each calls the module that does the work (reloader.recycle,
 reloader.maintenance, reloader.pause) and reports in one line.
@@ -77,6 +77,21 @@ def cmd_recycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_recycle(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="replace every worker of NAME, the replacement ready before the old one "
+                       "retires (never fewer than `workers` ready)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--surge", type=int, default=None, metavar="S",
+                   help="workers replaced at a time (default: [reload] recycle_surge, 1)")
+    p.add_argument("--over-memory", action="store_true",
+                   help="only the workers above [gunicorn] max_worker_memory (and every older one: TTOU "
+                   "retires the oldest); what NAME-recycle.timer runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recycle)
+
+
+
+
 # --- maintenance ----------------------------------------------------------------------------------------
 def cmd_maintenance(args: argparse.Namespace) -> int:
     """Switch NAME's maintenance mode on or off in its nginx site, without an nginx reload (reloader.maintenance)."""
@@ -112,6 +127,20 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_maintenance(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="NAME's nginx site answers 503 with Retry-After and a page (on) or "
+                       "proxies to the app again (off), without an nginx reload; the app keeps running")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("action", choices=("on", "off"))
+    p.add_argument("--message", metavar="TEXT", help="the page's message (HTML-escaped)")
+    p.add_argument("--page", metavar="FILE", help="a complete HTML page to serve instead (UTF-8, at most 1 MB)")
+    p.add_argument("--retry-after", type=int, metavar="S", help="the Retry-After header, in seconds (default "
+                   "300)")
+    p.set_defaults(func=cmd_maintenance)
+
+
+
+
 # --- pause / resume -------------------------------------------------------------------------------------
 def cmd_pause(args: argparse.Namespace) -> int:
     """Hold NAME's new requests until `reloader resume` or --max seconds (reloader.pause)."""
@@ -126,6 +155,17 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_pause(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="NAME's new requests wait (in-flight ones finish) until `reloader resume`; "
+                       "past --max seconds they are answered 503 with Retry-After")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--max", type=int, metavar="S", help="the pause's maximum (default 30 s, at most nginx's "
+                   "proxy_read_timeout - 5)")
+    p.set_defaults(func=cmd_pause)
+
+
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from . import pause
 
@@ -138,6 +178,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"{app.name}: resumed after {took:.1f} s; held requests go on now"
               + (" (it was past its maximum: requests got 503 since)" if was["past_max"] else ""))
     return 0
+
+
+def parser_resume(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="end NAME's pause: the held requests are served")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_resume)
+
+
 
 
 # --- status ---------------------------------------------------------------------------------------------
@@ -182,37 +230,3 @@ def status_lines(row: dict) -> list[str]:
                      + (f": {last['error']}" if last.get("error") else ""))
         out.append(text)
     return out
-
-
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recycle", help="replace every worker of NAME, the replacement ready before the old one "
-                       "retires (never fewer than `workers` ready)")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--surge", type=int, default=None, metavar="S",
-                   help="workers replaced at a time (default: [reload] recycle_surge, 1)")
-    p.add_argument("--over-memory", action="store_true",
-                   help="only the workers above [gunicorn] max_worker_memory (and every older one: TTOU "
-                   "retires the oldest); what NAME-recycle.timer runs")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_recycle)
-
-    p = sub.add_parser("maintenance", help="NAME's nginx site answers 503 with Retry-After and a page (on) or "
-                       "proxies to the app again (off), without an nginx reload; the app keeps running")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("action", choices=("on", "off"))
-    p.add_argument("--message", metavar="TEXT", help="the page's message (HTML-escaped)")
-    p.add_argument("--page", metavar="FILE", help="a complete HTML page to serve instead (UTF-8, at most 1 MB)")
-    p.add_argument("--retry-after", type=int, metavar="S", help="the Retry-After header, in seconds (default "
-                   "300)")
-    p.set_defaults(func=cmd_maintenance)
-
-    p = sub.add_parser("pause", help="NAME's new requests wait (in-flight ones finish) until `reloader resume`; "
-                       "past --max seconds they are answered 503 with Retry-After")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--max", type=int, metavar="S", help="the pause's maximum (default 30 s, at most nginx's "
-                   "proxy_read_timeout - 5)")
-    p.set_defaults(func=cmd_pause)
-
-    p = sub.add_parser("resume", help="end NAME's pause: the held requests are served")
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_resume)

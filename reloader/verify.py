@@ -288,8 +288,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if doc["passed"] else 1
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="reload NAME N times under HTTP load through nginx; report every "
+def parser_verify(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="reload NAME N times under HTTP load through nginx; report every "
                        "failed request, the latency, and each reload's result")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--reloads", type=int, default=3, metavar="N", help="reloads to perform (default 3)")
@@ -312,4 +312,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_verify)
 
 
-__all__ = ["add_parser", "analyse", "cmd_verify"]
+__all__ = ["analyse", "cmd_verify", "parser_verify"]
