@@ -898,6 +898,10 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     if setup.after_switch and not strategy.setup_commands:
         raise ConfigError(f"{source}: [setup] after_switch: not supported with strategy {strategy.value!r} (its "
                           "controller is not sandboxed as the app); use strategy \"generation\" or \"hup\"")
+    if setup.after_switch and values["drain_timeout"]:
+        raise ConfigError(f"{source}: [setup] after_switch: not supported with [reload] drain_timeout yet (the "
+                          "contract step would run while the old generation still serves its draining connections); "
+                          "set one of them")
     if values.get("max_worker_memory") and strategy.multi_instance:
         gun.fail("max_worker_memory", f"not supported with strategy {strategy.value!r} yet (recycling works on "
                  "the single master of \"generation\" and \"hup\")")

@@ -222,8 +222,13 @@ def test_fifty_websockets_drain_across_a_deploy_then_close_with_1012(container) 
     app = RealApp(container, "fastapi", "api.example", "fastapiapp", "main.py")
     _wsproto_wheel(container)
     container.write_file("/root/wsclient.py", WS_CLIENT)
-    with_ws = {"main.py": app.read("main.py") + WS_ROUTE}
-    app.ship("v1", files=with_ws)
+    source = app.read("main.py")
+    assert 'VERSION = "v1"' in source
+
+    def with_ws(version: str) -> dict[str, str]:  # ship()'s files replace its version edit: make our own
+        return {"main.py": source.replace('VERSION = "v1"', f'VERSION = "{version}"') + WS_ROUTE}
+
+    app.ship("v1", files=with_ws("v1"))
     config = app.config("fastapi")
     text = container.read_file(config).replace("[reload]\n", f"[reload]\ndrain_timeout = {DRAIN}\n")
     container.write_file(config, text)
@@ -236,7 +241,7 @@ def test_fifty_websockets_drain_across_a_deploy_then_close_with_1012(container) 
     conns = held.opened()
     assert {c["version"] for c in conns} == {"v1"}, summary(conns)
     old = app.props()["MainPID"]
-    app.ship("v2", files=with_ws)
+    app.ship("v2", files=with_ws("v2"))
     started = time.time()
     r = app.reload()
     returned = time.time()
@@ -276,7 +281,7 @@ def test_fifty_websockets_drain_across_a_deploy_then_close_with_1012(container) 
 
     # --- 2: a drain ends as soon as its connections do -----------------------------------------------------
     old = app.props()["MainPID"]
-    app.ship("v3", files=with_ws)
+    app.ship("v3", files=with_ws("v3"))
     r = app.reload()
     assert r.returncode == 0, (r.stderr, app.journal(60))
     drain = status_json(app)["drain"]
@@ -292,7 +297,7 @@ def test_fifty_websockets_drain_across_a_deploy_then_close_with_1012(container) 
     # --- 3: systemctl stop during a drain stops everything; the clients get 1012 at once -------------------
     last = Clients(app, "last", 10)
     assert {c["version"] for c in last.opened()} == {"v3"}
-    app.ship("v4", files=with_ws)
+    app.ship("v4", files=with_ws("v4"))
     assert app.reload().returncode == 0
     assert (status_json(app)["drain"] or {}).get("connections") == 10
     r = app.systemctl("stop", "fastapi.service")
