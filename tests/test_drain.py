@@ -11,6 +11,7 @@ which release answered; each close code and when) comes from the wire, through n
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -333,3 +334,150 @@ def test_drain_timeout_needs_a_worker_that_can_drain(tmp_path) -> None:
                     'wsgi = "main:app"\n[gunicorn]\nworker_class = "gthread"\n[reload]\ndrain_timeout = 120\n')
     with pytest.raises(config.ConfigError, match=r"\[reload\] drain_timeout: needs an asyncio ASGI worker_class"):
         config.load(path)
+
+
+# --- host tests of reloader/drain.py's in-gunicorn parts (real sockets, processes and signals) ------------
+OLD_MASTER = r'''
+import json, os, runpy, signal, sys, time
+drain = runpy.run_path(sys.argv[1])
+ready = sys.argv[2]
+old = os.getpid()
+d = os.path.join(ready, str(old))
+os.makedirs(d)
+open(os.path.join(d, "master"), "w").close()
+termed = []
+signal.signal(signal.SIGTERM, lambda *a: termed.append(time.time()))
+child = os.fork()
+if child == 0:
+    drain["watch_old_generation"](os.getpid(), old, d)
+    os._exit(0)
+open(os.path.join(d, f"worker-{old}"), "w").close()  # its one "worker" is itself (alive)
+print(json.dumps({"old": old, "new": child}), flush=True)
+while not termed and time.time() < float(sys.argv[3]):
+    time.sleep(0.05)
+with open(os.path.join(ready, "termed.json"), "w") as f:
+    json.dump({"at": termed[0] if termed else None}, f)
+os.waitpid(child, 0)
+'''
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ending", ["connections closed", "deadline"])
+def test_the_new_master_terms_the_old_one_when_drained_or_at_the_deadline(tmp_path, ending: str) -> None:
+    import socket
+
+    from reloader import drain
+
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    script = tmp_path / "old.py"
+    script.write_text(OLD_MASTER)
+    p = subprocess.Popen([sys.executable, str(script), drain.__file__, str(ready), str(time.time() + 60)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(p.stdout.readline())  # type: ignore[union-attr]
+        old_dir = ready / str(pids["old"])
+        (old_dir / f"draining-{pids['old']}").write_text(json.dumps({"open": 2}))
+        deadline = time.time() + (3 if ending == "deadline" else 600)
+        (old_dir / drain.FLAG).write_text(json.dumps({"deadline": deadline, "release": "7",
+                                                      "notify_socket": str(tmp_path / "notify")}))
+        _wait((old_dir / drain.WATCHED).exists, 10, "the new master acknowledges the drain")
+        status = notify.recv(4096).decode()
+        assert status == (f"STATUS=serving release 7 (master {pids['new']}); draining 2 connection(s) of the old "
+                          f"generation (master {pids['old']}) until {drain._clock(deadline)} at the latest")
+        assert not (ready / "termed.json").exists(), "TERMed while 2 connections were open"
+        if ending == "connections closed":
+            (old_dir / f"draining-{pids['old']}").write_text(json.dumps({"open": 0}))
+        _wait((ready / "termed.json").exists, 20, "the old master gets its TERM")
+        termed = json.loads((ready / "termed.json").read_text())["at"]
+        assert termed, "the old master got no TERM"
+        last = notify.recv(4096).decode()
+        if ending == "deadline":
+            assert termed >= deadline, (termed, deadline)
+            assert last.endswith("retired after its drain: drain_timeout reached with 2 connection(s) open: they "
+                                 "get close code 1012"), last
+        else:
+            assert termed < deadline
+            assert last.endswith("retired after its drain: its connections closed"), last
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        notify.close()
+
+
+def test_a_draining_asgi_worker_stops_accepting_and_keeps_its_open_connections(tmp_path) -> None:
+    import asyncio
+    import select
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from reloader import drain
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "app.sock"))
+    listener.listen(16)
+    ready = tmp_path / "ready"
+    (ready / str(os.getppid())).mkdir(parents=True)
+    worker = SimpleNamespace(ppid=os.getppid(), sockets=[listener], wsgi=None)
+    d = drain._WorkerDrain(worker, str(ready))
+    report = ready / str(os.getppid()) / f"draining-{os.getpid()}"
+
+    async def app(scope: dict, receive, send) -> None:
+        if scope["type"] != "lifespan":
+            await receive()  # a WebSocket: open until its client goes
+
+    counted = d.wrap(app)
+
+    async def main() -> socket.socket:
+        async def nothing() -> dict:
+            return {}
+
+        await counted({"type": "lifespan"}, nothing, None)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async def receive() -> dict:
+                await reader.read(1)
+                return {}
+            writer.write(b"hi")
+            await writer.drain()
+            await counted({"type": "websocket"}, receive, None)
+            writer.close()
+
+        server = await asyncio.start_unix_server(handle, sock=listener)
+        threading.Thread(target=d.watch, daemon=True).start()
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "app.sock"))
+        assert await reader.readexactly(2) == b"hi"
+        (ready / str(os.getppid()) / drain.FLAG).write_text("{}")
+        for _ in range(200):
+            if report.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert json.loads(report.read_text()) == {"open": 1, "at": json.loads(report.read_text())["at"]}
+        late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        late.connect(str(tmp_path / "app.sock"))  # into the shared socket's backlog
+        await asyncio.sleep(0.5)  # the chance for a loop that still accepts to take it
+        assert select.select([listener], [], [], 5)[0], "the draining worker took the new connection"
+        taken, _ = listener.accept()  # the "new generation" gets it
+        taken.close()
+        writer.write(b"x")  # the held connection still works: its client ends it
+        await writer.drain()
+        for _ in range(100):
+            if json.loads(report.read_text()).get("open") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert json.loads(report.read_text())["open"] == 0
+        server.close()
+        return late
+
+    asyncio.run(main()).close()
