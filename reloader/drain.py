@@ -281,6 +281,14 @@ def begin(app: AppConfig, old: int, new: int, release: str, tick: Callable[[], N
     return Draining(old, n, deadline)
 
 
+def ending(app: AppConfig, old: int) -> str:
+    """What the next reload says when it finds *old* still draining (it TERMs it first); "" if not draining."""
+    if not os.path.exists(os.path.join(app.ready_dir, str(old), FLAG)):
+        return ""
+    return (f"ending the drain of old master {old} first (TERM: its WebSockets get 1012), so that at most two "
+            "generations run")
+
+
 def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:

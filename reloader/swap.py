@@ -201,7 +201,8 @@ class Swap:
         parent = self.proc.ppid(self.old)
         if parent > 1 and self.proc.same_unit(parent, self.old) and _is_master(parent, self.app, self.proc):
             # Killed after the hand-over, before retiring: the old master is MainPID's parent.
-            self.n.status(f"retiring old master {parent} left by an interrupted reload")
+            self.n.status(drain.ending(self.app, parent)
+                          or f"retiring old master {parent} left by an interrupted reload")
             self.proc.send(parent, signal.SIGTERM)
             if not self.proc.wait_for(lambda: not self.proc.alive(parent), self.app.graceful_timeout + 10,
                                       tick=self.n.extend):

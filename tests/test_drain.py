@@ -289,23 +289,41 @@ def test_fifty_websockets_drain_across_a_deploy_then_close_with_1012(container) 
     assert drain and drain["old_master"] == old and drain["connections"] == 5, drain
     fresh.close()
     conns = fresh.closed(60)
+    print(f"a drain of 5 connections ended when they closed; reload returned, status: {app.props()['StatusText']}")
     assert all(c["code"] == 1000 for c in conns), summary(conns)  # our own close, echoed by the server
     assert app.c.run(f"for i in $(seq 150); do test -d /proc/{old} || exit 0; sleep 0.2; done; exit 1",
                      check=False).returncode == 0, f"old master {old} still running once its connections closed"
     assert time.time() < drain["deadline"], "the drain did not end before its deadline"
     assert "retired after its drain: its connections closed" in app.props()["StatusText"]
 
-    # --- 3: systemctl stop during a drain stops everything; the clients get 1012 at once -------------------
+    # --- 3: a deploy during a drain ends that drain first; systemctl stop during a drain stops everything ---
     last = Clients(app, "last", 10)
     assert {c["version"] for c in last.opened()} == {"v3"}
+    v3 = app.props()["MainPID"]
     app.ship("v4", files=with_ws("v4"))
     assert app.reload().returncode == 0
-    assert (status_json(app)["drain"] or {}).get("connections") == 10
+    first = status_json(app)["drain"] or {}
+    assert first.get("old_master") == v3 and first.get("connections") == 10, first
+    more = Clients(app, "more", 10)
+    assert {c["version"] for c in more.opened()} == {"v4"}
+    v4 = app.props()["MainPID"]
+    app.ship("v5", files=with_ws("v5"))
+    r = app.reload()
+    assert r.returncode == 0, (r.stderr, app.journal(60))
+    conns = last.closed(30)
+    assert all(c["code"] == 1012 and c["closed"] < first["deadline"] for c in conns), summary(conns)
+    assert f"ending the drain of old master {v3} first" in app.journal(200)
+    second = status_json(app)["drain"] or {}
+    assert second.get("old_master") == v4 and second.get("connections") == 10, second
+    assert not alive(app, v3)
+    started = time.monotonic()
     r = app.systemctl("stop", "fastapi.service")
+    print(f"systemctl stop during a drain took {time.monotonic() - started:.1f} s")
     props = app.props()
     assert r.returncode == 0 and props["ActiveState"] == "inactive" and props["Result"] == "success", (r, props)
-    conns = last.closed(30)
+    conns = more.closed(30)
     assert all(c["code"] == 1012 for c in conns), summary(conns)
+    assert not alive(app, v4)
     left = app.c.run("systemd-cgls --no-pager -u fastapi.service | grep -c gunicorn || true", check=False).stdout
     assert left.strip() in ("", "0"), left
 
