@@ -878,6 +878,9 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
         if not strategy.new_generation:
             rel.fail("drain_timeout", f"only applies to strategy = \"generation\" (not {strategy.value!r}): the "
                      "old generation drains beside the new one")
+        if rel.read("max_surge"):
+            rel.fail("drain_timeout", "not with max_surge (lockstep retires the old workers one by one, which closes "
+                     "their connections); set max_surge = 0 or drain_timeout = 0")
         if values["worker_class"] not in DRAIN_WORKERS:
             rel.fail("drain_timeout", f"needs an asyncio ASGI worker_class ({', '.join(sorted(DRAIN_WORKERS))}), not "
                      f"{values['worker_class']!r}, whose connections cannot be drained yet; set it to 0")

@@ -499,3 +499,20 @@ def test_a_draining_asgi_worker_stops_accepting_and_keeps_its_open_connections(t
         return late
 
     asyncio.run(main()).close()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('strategy = "hup"', '[reload] drain_timeout: only applies to strategy = "generation"'),
+    ("max_surge = 1", "[reload] drain_timeout: not with max_surge"),
+    ('[setup]\nafter_switch = ["true"]', "[setup] after_switch: not supported with [reload] drain_timeout yet"),
+])
+def test_drain_timeout_refuses_what_would_cut_or_outrun_its_connections(tmp_path, extra: str, message: str) -> None:
+    from reloader import config
+
+    path = tmp_path / "app.toml"
+    path.write_text('[app]\nname = "api"\nworking_directory = "/srv/api/current"\nvirtualenv = "/opt/venv"\n'
+                    'wsgi = "main:app"\n[gunicorn]\nworker_class = "uvicorn_worker.UvicornWorker"\n'
+                    f"[reload]\ndrain_timeout = 120\n{extra}\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert str(e.value).startswith(f"{path}: {message}"), str(e.value)
