@@ -69,7 +69,12 @@ def _read(path: str) -> dict | None:
 
 
 def _alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
+    """Running (not a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _workers(old_dir: str) -> list[int]:
@@ -218,8 +223,13 @@ def watch_old_generation(me: int, old: int, old_dir: str, sleep: Callable[[float
            f"drain_timeout reached with {n} connection(s) open: they get close code 1012")
     print(f"reloader: retiring old master {old} (TERM): {why}", file=sys.stderr, flush=True)
     os.kill(old, signal.SIGTERM)
-    _notify(notify, f"STATUS=serving release {release} (master {me}); old generation (master {old}) retired "
-                    f"after its drain: {why}")
+    status = (f"STATUS=serving release {release} (master {me}); old generation (master {old}) retired after its "
+              f"drain: {why}")
+    _notify(notify, status)
+    # Once more when it is gone: a helper finishing its reload right now may have overwritten the first.
+    while _alive(old):
+        sleep(0.2)
+    _notify(notify, status)
 
 
 def in_master(server: Any, ready_dir: str) -> None:

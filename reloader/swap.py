@@ -146,7 +146,7 @@ class Swap:
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
                       f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost}){verdict}"
                       + (f"; after_switch failed: {failed}" if failed else "")
-                      + (f"; {self.draining}" if self.draining else ""))
+                      + (f"; {self.draining}" if self.draining and self.proc.alive(self.old) else ""))
         self.n.send("READY=1")
         self.n.barrier()
         return 0
@@ -467,9 +467,11 @@ class Swap:
             except drain.NotDrained as e:
                 self.n.warn(f"drain_timeout: the old generation cannot drain: {e}; retiring it now (TERM)")
             else:
-                # Not waited for: the new master TERMs the old one when its connections closed or at the deadline.
-                self.n.status(f"old master {self.old} stopped accepting: {self.draining}")
-                return
+                if self.draining.connections:
+                    # Not waited for: the new master TERMs the old one once they closed or at the deadline.
+                    self.n.status(f"old master {self.old} stopped accepting: {self.draining}")
+                    return
+                self.draining = None  # nothing to drain: retire it as without drain_timeout
         self.n.status(f"retiring old master {self.old} gracefully (TERM): in-flight requests finish")
         self.proc.send(self.old, signal.SIGTERM)
         if not self.proc.wait_for(lambda: not self.proc.alive(self.old), self.app.graceful_timeout + 10,

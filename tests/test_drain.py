@@ -375,7 +375,6 @@ while not termed and time.time() < float(sys.argv[3]):
     time.sleep(0.05)
 with open(os.path.join(ready, "termed.json"), "w") as f:
     json.dump({"at": termed[0] if termed else None}, f)
-os.waitpid(child, 0)
 '''
 
 
