@@ -204,11 +204,10 @@ def watch_old_generation(me: int, old: int, old_dir: str, sleep: Callable[[float
     deadline = float(request.get("deadline", 0))
     notify, release = str(request.get("notify_socket", "")), request.get("release", "?")
     _write(os.path.join(old_dir, WATCHED), {"master": me})
-    said, peak = "", 0
-    n = 0
+    said = ""
+    n, errors = 0, []
     while os.getppid() == old and _alive(old):
         n, silent, errors = count(old_dir)
-        peak = max(peak, n)
         if (n == 0 and not silent) or errors or time.time() >= deadline:
             break
         text = (f"serving release {release} (master {me}); draining {n} connection(s) of the old generation "
@@ -219,7 +218,7 @@ def watch_old_generation(me: int, old: int, old_dir: str, sleep: Callable[[float
         sleep(POLL)
     else:
         return  # the old master is gone already (a stop, or a reload ended the drain)
-    why = ("its connections closed" if n == 0 else
+    why = (f"a worker failed to drain ({'; '.join(errors)})" if errors else "its connections closed" if n == 0 else
            f"drain_timeout reached with {n} connection(s) open: they get close code 1012")
     print(f"reloader: retiring old master {old} (TERM): {why}", file=sys.stderr, flush=True)
     os.kill(old, signal.SIGTERM)
