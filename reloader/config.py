@@ -87,6 +87,11 @@ STATE_DIR = Path("/var/lib/reloader")
 #: The helper the .deb installs; see :func:`default_helper` for a pip install.
 DEB_HELPER = "/usr/bin/reloader"
 #: Worker classes that serve an ASGI app (the pre-flight then speaks ASGI, with lifespan).
+#: Worker classes whose retiring generation can stop accepting and drain (reloader.drain): uvicorn's, on asyncio.
+DRAIN_WORKERS = frozenset({
+    "uvicorn_worker.UvicornWorker", "uvicorn_worker.UvicornH11Worker",
+    "uvicorn.workers.UvicornWorker", "uvicorn.workers.UvicornH11Worker",
+})
 ASGI_WORKERS = frozenset({
     "asgi", "gunicorn.workers.gasgi.ASGIWorker",
     "uvicorn_worker.UvicornWorker", "uvicorn_worker.UvicornH11Worker",
@@ -339,6 +344,9 @@ class AppConfig:
     #: `reloader recycle`: how many workers are replaced at a time (each batch ready before it retires
     #: as many old ones), so at most workers + recycle_surge run.
     recycle_surge: int = toml("reload", 1, kind="integer", low=1, high=512)
+    #: Long-lived connections (reloader.drain): on a reload the retiring generation stops accepting and keeps
+    #: its open connections up to this many seconds before its TERM (WebSockets then get 1012); 0: TERM at once.
+    drain_timeout: int = toml("reload", 0, kind="integer", low=0, high=86400)
 
     # [nginx], [setup], [analysis]
     nginx: NginxConfig = field(default_factory=NginxConfig)
@@ -613,6 +621,11 @@ class AppConfig:
         return str(CONFIG_DIR / f"{self.name}.pause_hook.py")
 
     @property
+    def drain_hook_path(self) -> str:
+        """reloader/drain.py as installed next to the gunicorn config ([reload] drain_timeout)."""
+        return str(CONFIG_DIR / f"{self.name}.drain_hook.py")
+
+    @property
     def pause_flag(self) -> str:
         """Present while the app is paused: its workers hold new requests (reloader.pause)."""
         return f"{self.runtime_dir}/paused"
@@ -861,6 +874,16 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
                      f"{len(longest.encode())} bytes, over the 107 a unix socket path may have; use a shorter path")
     if rel.has("max_surge") and not strategy.new_generation:
         rel.fail("max_surge", f"only applies to strategy = \"generation\" (not {strategy.value!r})")
+    if rel.read("drain_timeout"):
+        if not strategy.new_generation:
+            rel.fail("drain_timeout", f"only applies to strategy = \"generation\" (not {strategy.value!r}): the "
+                     "old generation drains beside the new one")
+        if rel.read("max_surge"):
+            rel.fail("drain_timeout", "not with max_surge (lockstep retires the old workers one by one, which closes "
+                     "their connections); set max_surge = 0 or drain_timeout = 0")
+        if values["worker_class"] not in DRAIN_WORKERS:
+            rel.fail("drain_timeout", f"needs an asyncio ASGI worker_class ({', '.join(sorted(DRAIN_WORKERS))}), not "
+                     f"{values['worker_class']!r}, whose connections cannot be drained yet; set it to 0")
     rel.read("helper", default_helper())
     releases_root = rel.read("releases_root")
     if releases_root == "/":
@@ -878,6 +901,10 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
     if setup.after_switch and not strategy.setup_commands:
         raise ConfigError(f"{source}: [setup] after_switch: not supported with strategy {strategy.value!r} (its "
                           "controller is not sandboxed as the app); use strategy \"generation\" or \"hup\"")
+    if setup.after_switch and values["drain_timeout"]:
+        raise ConfigError(f"{source}: [setup] after_switch: not supported with [reload] drain_timeout yet (the "
+                          "contract step would run while the old generation still serves its draining connections); "
+                          "set one of them")
     if values.get("max_worker_memory") and strategy.multi_instance:
         gun.fail("max_worker_memory", f"not supported with strategy {strategy.value!r} yet (recycling works on "
                  "the single master of \"generation\" and \"hup\")")

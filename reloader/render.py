@@ -110,6 +110,9 @@ def render(app: AppConfig, *, notify_reload: bool = False) -> list[RenderedFile]
     if app.pausable:  # loaded by the gunicorn config in each worker (reloader.pause_hook)
         files.append(RenderedFile(f"{app.name}.pause_hook.py", app.pause_hook_path,
                                   Path(__file__).with_name("pause_hook.py").read_text(encoding="utf-8")))
+    if app.drain_timeout:  # loaded by the gunicorn config in each master and worker (reloader.drain)
+        files.append(RenderedFile(f"{app.name}.drain_hook.py", app.drain_hook_path,
+                                  Path(__file__).with_name("drain.py").read_text(encoding="utf-8")))
     if app.multi_instance:
         files += [
             RenderedFile(f"{app.name}.service", f"{UNIT_DIR}/{app.service}", get("controller.j2")),

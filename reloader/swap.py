@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import after_switch, proc, releases, setup_commands, traffic
+from . import after_switch, drain, proc, releases, setup_commands, traffic
 from .config import AppConfig
 from .engine import (
     SIGNAL_GAP,
@@ -82,6 +82,8 @@ class Swap:
         #: The bake's traffic analysis ([analysis]), once the canary's gate opened.
         self.analysis: traffic.Analysis | None = None
         self.baseline: dict[int, traffic.Stats] = {}  #: the old generation's request counters at the start
+        #: [reload] drain_timeout: the old generation drains (the new master TERMs it later), or None.
+        self.draining: drain.Draining | None = None
 
     # --- the protocol -------------------------------------------------------------------------------
     def run(self, *, notify_reload: bool = False) -> int:
@@ -143,7 +145,8 @@ class Swap:
         verdict = f"; {self.analysis.outcome}" if self.analysis and self.analysis.outcome else ""
         self.n.status(f"serving release {self.release()}, generation {generation}, {workers} workers "
                       f"(master {master}, reload took {time.monotonic() - started:.1f} s; {cost}){verdict}"
-                      + (f"; after_switch failed: {failed}" if failed else ""))
+                      + (f"; after_switch failed: {failed}" if failed else "")
+                      + (f"; {self.draining}" if self.draining and self.proc.alive(self.old) else ""))
         self.n.send("READY=1")
         self.n.barrier()
         return 0
@@ -198,7 +201,8 @@ class Swap:
         parent = self.proc.ppid(self.old)
         if parent > 1 and self.proc.same_unit(parent, self.old) and _is_master(parent, self.app, self.proc):
             # Killed after the hand-over, before retiring: the old master is MainPID's parent.
-            self.n.status(f"retiring old master {parent} left by an interrupted reload")
+            self.n.status(drain.ending(self.app, parent)
+                          or f"retiring old master {parent} left by an interrupted reload")
             self.proc.send(parent, signal.SIGTERM)
             if not self.proc.wait_for(lambda: not self.proc.alive(parent), self.app.graceful_timeout + 10,
                                       tick=self.n.extend):
@@ -457,6 +461,17 @@ class Swap:
         self.proc.wait_for(lambda: self._reaped(self.new), self.app.graceful_timeout + 10, tick=self.n.extend)
 
     def retire_old_generation(self) -> None:
+        if self.app.drain_timeout:
+            try:
+                self.draining = drain.begin(self.app, self.old, self.new, self.release(), self.n.extend)
+            except drain.NotDrained as e:
+                self.n.warn(f"drain_timeout: the old generation cannot drain: {e}; retiring it now (TERM)")
+            else:
+                if self.draining.connections:
+                    # Not waited for: the new master TERMs the old one once they closed or at the deadline.
+                    self.n.status(f"old master {self.old} stopped accepting: {self.draining}")
+                    return
+                self.draining = None  # nothing to drain: retire it as without drain_timeout
         self.n.status(f"retiring old master {self.old} gracefully (TERM): in-flight requests finish")
         self.proc.send(self.old, signal.SIGTERM)
         if not self.proc.wait_for(lambda: not self.proc.alive(self.old), self.app.graceful_timeout + 10,
@@ -468,8 +483,9 @@ class Swap:
     def confirm(self) -> None:
         if not self.proc.alive(self.new):
             raise Refused(f"the new master {self.new} died right after taking over")
-        # Its parent is gone: gunicorn promotes it and renames gunicorn.pid.2 on its next loop.
-        self.proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.new, 5)
+        # Its parent is gone: gunicorn promotes it and renames gunicorn.pid.2 on its next loop (after a drain).
+        if not self.draining:
+            self.proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.new, 5)
         if self.main_pid_from_bus:
             main = self.main_pid_from_bus()
             if main != self.new:

@@ -191,13 +191,15 @@ def parser_resume(sub: argparse._SubParsersAction, name: str) -> None:
 # --- status ---------------------------------------------------------------------------------------------
 def status(app: AppConfig, main_pid: int) -> dict:
     """The toolkit's part of ``reloader status --json`` for one app."""
-    from . import after_switch, maintenance, pause, recycle
+    from . import after_switch, drain, maintenance, pause, recycle
 
     out: dict = {"maintenance": maintenance.state(app)}
     if app.pausable:
         out["pause"] = pause.state(app)
     if not app.multi_instance:
         out["recycle"] = recycle.status(app, main_pid)
+        # [reload] drain_timeout: the retiring generation still holding connections, if any.
+        out["drain"] = drain.state(app) if app.drain_timeout else None
         out["after_switch"] = {"commands": [shlex.join(c) for c in app.setup.after_switch],
                                "last": after_switch.last(app)} if app.setup.after_switch else None
     return out
@@ -215,6 +217,11 @@ def status_lines(row: dict) -> list[str]:
         until = time.strftime("%H:%M:%S", time.localtime(paused["until"]))
         out.append("  PAUSED: " + ("past its maximum, answering 503" if paused["past_max"] else
                                    f"new requests wait (at most until {until})"))
+    draining = row.get("drain")
+    if draining:
+        until = time.strftime("%H:%M:%S", time.localtime(draining["deadline"] or 0))
+        out.append(f"  DRAINING: old master {draining['old_master']}, {draining['connections']} connection(s) open, "
+                   f"{draining['memory_bytes'] / 2**20:.0f} MB; TERM at {until} at the latest")
     contract = (row.get("after_switch") or {}).get("last")
     if contract and contract["result"] != "ok":
         out.append(f"  after_switch FAILED for release {contract['release']} (it serves; not rolled back): "
