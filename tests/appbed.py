@@ -40,9 +40,19 @@ BROKEN = {
 IMPORT_ERROR = BROKEN["import error"][0]
 
 #: Installs reloader inside the container from the bind-mounted checkout, like the .deb's /usr/bin/reloader.
-WRAPPER = """#!/bin/sh
-PYTHONPATH=/src exec /usr/bin/python3 -m reloader "$@"
+#: The checkout is read-only in the container, so its bytecode is compiled once, as root, under a prefix
+#: (install_wrapper), as the .deb's py3compile does at install: a helper started by systemd then loads
+#: compiled modules instead of compiling them on every reload, in a sandbox that could not save them.
+PYCACHE = "/var/cache/reloader-pyc"
+WRAPPER = f"""#!/bin/sh
+PYTHONPATH=/src PYTHONPYCACHEPREFIX={PYCACHE} exec /usr/bin/python3 -m reloader "$@"
 """
+
+
+def install_wrapper(c: testbed.Container) -> None:
+    """/usr/bin/reloader in container *c*, its modules compiled."""
+    c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+    c.run(["env", f"PYTHONPYCACHEPREFIX={PYCACHE}", "python3", "-m", "compileall", "-q", "/src/reloader"])
 
 _PROPS = """
 import json, sys
@@ -129,7 +139,7 @@ class App:
         *wrapper*: write /usr/bin/reloader running the checkout; False when a .deb installed it.
         *check*: raise when install fails; False for a test of a failing install."""
         if wrapper:
-            self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+            install_wrapper(self.c)
         self.c.run("mkdir -p /srv/flaskapp && ln -sfn /opt/venv /srv/flaskapp/venv")
         self.ship(**release)
         return self.c.run(["reloader", "install", config, *flags], timeout=240, check=check)

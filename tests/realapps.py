@@ -11,7 +11,7 @@ import json
 import shlex
 import subprocess
 
-from appbed import WRAPPER, App, Reply
+from appbed import App, Reply, install_wrapper
 
 
 class RealApp(App):
@@ -20,7 +20,7 @@ class RealApp(App):
         self.host, self.source, self.version_file = host, f"/src/tests/apps/{source}", version_file
 
     def install_config(self, config: str, *flags: str) -> subprocess.CompletedProcess:
-        self.c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+        install_wrapper(self.c)
         return self.c.run(["reloader", "install", config, *flags], check=False, timeout=300)
 
     def config(self, base: str, path: str = "", **replace: str) -> str:

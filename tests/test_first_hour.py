@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import testbed
-from appbed import WRAPPER
+from appbed import install_wrapper
 from realapps import RealApp
 from test_hooks import parse_prometheus
 
@@ -84,7 +84,7 @@ def checkout(c: testbed.Container, version: str, *, files: dict[str, str] | None
 
 def test_microblog_from_a_checkout_to_a_rollback_under_load(wheels: Path) -> None:
     with testbed.boot("bookworm", binds=[f"{wheels}:/wheels"]) as c:
-        c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+        install_wrapper(c)
         c.run(f"mkdir -p /opt/checkout && cp -R /src/tests/apps/microblog {CHECKOUT} && "
               "mkdir -p /var/lib/prometheus/node-exporter")
         app = RealApp(c, "microblog", "microblog.example", "microblog", "app/version.py")
@@ -181,7 +181,7 @@ def test_first_installs_say_what_the_sandbox_refused_and_why_setup_failed(wheels
     with the path and the keys that fix it), and a setup step that writes into the release (the OSError
     and its path in install's output, not systemd's "Failed with result")."""
     with testbed.boot("bookworm", binds=[f"{wheels}:/wheels"]) as c:
-        c.write_file("/usr/bin/reloader", WRAPPER, mode=0o755)
+        install_wrapper(c)
         c.run(f"mkdir -p /opt/checkout && cp -R /src/tests/apps/microblog {CHECKOUT}")
         r = c.run(f"cd /root && reloader init {CHECKOUT} --name badblog", check=False)
         assert r.returncode == 0, out(r)
