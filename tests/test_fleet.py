@@ -107,7 +107,7 @@ def test_the_instance_socket_unit_listens_where_the_routes_point() -> None:
             expanded = re.sub(r"%(.)", lambda m, c=colour: {"%": "%", "i": c}.get(m[1], f"<%{m[1]}>"), listen)
             assert expanded == app.instance_socket(colour), (socket, listen)
     site = next(f.content for f in render.render(app) if f.name == "flaskapp.upstream.conf")
-    assert f"server unix:{app.route('live')} weight=4 max_fails=0;" in site, site
+    assert f"server unix:{app.route('live')} weight={app.workers} max_fails=0;" in site, site
 
 
 def test_blue_green_deploys_under_load_never_reload_nginx(container) -> None:
