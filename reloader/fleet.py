@@ -366,26 +366,28 @@ class Fleet:
                       f"baking: comparing their requests for at least {app.bake_seconds:g} s and "
                       f"{app.analysis.min_requests} requests (at most {analysis.limit:g} s; reloader rollback "
                       f"{app.name} refuses)")
-        look = 0.0
+        checked = 0.0
         try:
             while True:
-                if self.rollback_requested():
-                    raise Refused("rolled back on operator request (reloader rollback)")
-                st = self.sd.state(unit)
-                if not st.running or st.main_pid != main_pid:
-                    raise Refused(f"{unit} stopped or restarted during the bake")
-                self.check_health(new, rounds=1)
                 now = time.monotonic()
-                if now >= look:
-                    look = now + traffic.LOOK_SECONDS
-                    try:
-                        if analysis.look():
-                            return
-                    except Refused as e:
-                        self.verdict_error = e
-                        raise
-                self.n.extend()
-                time.sleep(0.2)
+                if now >= checked:  # the instance and its health every 0.2 s, as the bake without the analysis
+                    checked = now + 0.2
+                    if self.rollback_requested():
+                        raise Refused("rolled back on operator request (reloader rollback)")
+                    st = self.sd.state(unit)
+                    if not st.running or st.main_pid != main_pid:
+                        raise Refused(f"{unit} stopped or restarted during the bake")
+                    self.check_health(new, rounds=1)
+                    self.n.extend()
+                try:
+                    if analysis.look():
+                        return
+                except Refused as e:
+                    self.verdict_error = e
+                    raise
+                # The canary publishes every FLEET_LOOK_SECONDS: a bad one is refused a few requests
+                # after it became significant (reading a few small files costs next to nothing).
+                time.sleep(traffic.FLEET_LOOK_SECONDS)
         finally:
             if analysis.verdict:
                 self.n.log(analysis.outcome)
