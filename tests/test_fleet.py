@@ -28,9 +28,9 @@ ONLY_IN_PRODUCTION = ("\nimport sys\nif 'gunicorn' in ' '.join(sys.argv):\n"
                       "    raise RuntimeError('only in production')\n")
 
 
-def install(container, base: str, reload: str = "", gunicorn: str = "") -> App:
+def install(container, base: str, reload: str = "", gunicorn: str = "", analysis: str = "") -> App:
     app = App(container)
-    app.install(app.variant(base=base, reload=reload, gunicorn=gunicorn))
+    app.install(app.variant(base=base, reload=reload, gunicorn=gunicorn, analysis=analysis))
     assert app.wait_version("v1"), app.journal()
     return app
 
@@ -161,7 +161,8 @@ def test_blue_green_refuses_broken_releases_and_leaves_the_live_colour_alone(con
 
 
 def test_blue_green_rollback_under_load(container) -> None:
-    app = install(container, BLUE_GREEN, reload="bake_seconds = 60")
+    # Without the analysis: its bake is the canary's, before the switch (tests/test_traffic_fleet.py).
+    app = install(container, BLUE_GREEN, reload="bake_seconds = 60", analysis="enabled = false")
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
     # During the pre-flight: the rollback takes effect before the switch (it is not lost).
     app.ship("v2", extra="\nimport time\ntime.sleep(3)\n")
@@ -227,7 +228,7 @@ def test_routing_and_state_agree_when_nginx_cannot_reload_or_a_deploy_is_killed(
     """The live colour is the one the route points at: a deploy needs no nginx reload (one that would
     fail changes nothing), and after a deploy killed mid-bake the next one replaces the colour that is
     not serving."""
-    app = install(container, BLUE_GREEN, reload="bake_seconds = 30")
+    app = install(container, BLUE_GREEN, reload="bake_seconds = 30", analysis="enabled = false")  # bake after switch
     workers = nginx_workers(app)
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
     # Another site's broken file: `systemctl reload nginx` would fail; deploys do not need it.
