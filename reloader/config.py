@@ -202,8 +202,9 @@ class SetupConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """The bake's comparison of the new generation with the old one on real traffic (strategy
-    "generation"; reloader.traffic, docs/traffic-analysis.md): a regressing release is refused."""
+    """The bake's comparison of the new generation with the old one on real traffic (strategies
+    "generation", "blue-green", "rolling"; reloader.traffic, docs/traffic-analysis.md): a regressing
+    release is refused."""
 
     enabled: bool = toml("analysis", True, kind="boolean")
     #: Workers of the new generation that take traffic while it is judged (the rest wait at the gate).
@@ -540,11 +541,12 @@ class AppConfig:
         before a response header: once per worker that serves it, once per cached keep-alive connection,
         plus one. nginx sends a request at most once per ``server`` entry of the upstream, and a cached
         keep-alive connection that turns out closed (its worker died) uses up an entry too, so the socket
-        is listed this many times. A request loses its connection only when the worker holding it dies,
+        is listed this many times (a canary instance's workers count too, blue-green/rolling with the
+        analysis). A request loses its connection only when the worker holding it dies,
         so neither a whole generation of workers crashing one after another (a release that dies after
         boot) nor a pool of cached connections to a killed worker can exhaust the entries.
         See docs/worker-death.md."""
-        return self.workers * max(1, len(self.route_slots)) + self.upstream_keepalive + 1
+        return self.workers * max(1, len(self.route_slots) + self.canary_route) + self.upstream_keepalive + 1
 
     def health_ok(self, status: int) -> bool:
         low, high = self.health_status
@@ -564,8 +566,21 @@ class AppConfig:
 
     @property
     def request_stats(self) -> bool:
-        """The workers count their requests for the bake's traffic analysis (strategy "generation")."""
-        return self.strategy.new_generation and self.analysis.enabled
+        """The workers count their requests for the bake's traffic analysis (every strategy but "hup")."""
+        return not self.strategy.keeps_master and self.analysis.enabled
+
+    @property
+    def canary_route(self) -> bool:
+        """Blue-green/rolling with the analysis: nginx's upstream names a ``canary`` route beside the
+        others (weighted, see :attr:`canary_weights`), which a deploy points at the new instance to judge it."""
+        return self.multi_instance and self.request_stats
+
+    @property
+    def canary_weights(self) -> tuple[int, int]:
+        """nginx weights of (each serving route, the canary route): a canary instance weighs as much as
+        canary_workers workers against the workers behind each route, so its share is what a canary of
+        that many workers gets in strategy "generation" (all of a colour's workers when 0)."""
+        return self.workers, self.analysis.canary_workers or self.workers
 
     @property
     def bake_limit(self) -> float:
@@ -915,9 +930,10 @@ def parse(data: dict[str, Any], source: str = "<config>") -> AppConfig:
 
 
 def _analysis(ana: _Reader, strategy: Strategy, workers: int) -> AnalysisConfig:
-    if ana.table and not strategy.new_generation:
-        ana.fail(next(iter(ana.table)), f"only applies to strategy = \"generation\" (not {strategy.value!r}): "
-                 "the traffic analysis compares two generations of one master")
+    if ana.table and strategy.keeps_master:
+        ana.fail(next(iter(ana.table)), f"does not apply to strategy = {strategy.value!r}: the traffic analysis "
+                 "compares two generations serving side by side, and a HUP replaces the workers in place "
+                 "(docs/traffic-analysis.md)")
     if ana.read("canary_workers") > workers:
         ana.fail("canary_workers", f"{ana.values['canary_workers']} is more than [gunicorn] workers ({workers})")
     return AnalysisConfig(**ana.rest())

@@ -19,6 +19,18 @@ which colour is live is read from them, never from a file that could disagree.
                 → replace it (restart on the new release, ready + health) → restore its route.
                 A failure restores that instance's old release.
 
+With the traffic analysis ([analysis], reloader.traffic; on by default) nginx's upstream also names a
+weighted ``canary`` route. It points at a serving instance, except while a deploy judges a new one: then
+the new instance serves canary / (serving + canary) of the requests (the weights of AppConfig.canary_weights)
+beside the old ones, in the same seconds, and is compared with them:
+
+    blue-green: … ready + health → canary route → the new colour: bake = judge it against the live colour
+                → passed: switch the live route (and the canary) → retire the old colour
+                → regression: the canary route back, stop the new colour (the live route never moved)
+    rolling:    the first instance, replaced, is judged through the canary route (its own route still points
+                at a peer) against the instances on the old release; a regression restarts it on its old
+                release. The others then roll as before: they run the release just judged.
+
 What was deployed goes into the same records as the single-master strategies (reloader.releases): the
 release live after a switch or a completed roll, the one it replaced (previous), and a refused release
 with its reason (a deploy refused, or rolled back during the bake). `reloader releases`, `status` and
@@ -34,7 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import proc, releases
+from . import proc, releases, traffic
 from .bus import Systemd
 from .config import AppConfig
 from .engine import (
@@ -75,6 +87,12 @@ class Fleet:
         self.state_path = Path(app.fleet_state_path)
         #: When this operation took the lock: a rollback request older than that was meant for another.
         self.since_ns = since_ns
+        #: The deploy's traffic analysis (reloader.traffic), once a canary was judged.
+        self.analysis: traffic.Analysis | None = None
+        #: The serving instances' request counters when the deploy started (the old side's baseline).
+        self.baseline: dict[int, traffic.Stats] = {}
+        #: The refusal the analysis raised: it is told with what still serves.
+        self.verdict_error: Exception | None = None
 
     # --- routes: what nginx sends traffic to ----------------------------------------------------------
     def routed(self, slot: str) -> str:
@@ -133,6 +151,8 @@ class Fleet:
         for slot in self.app.route_slots:
             if not self.routed(slot):
                 self.point(slot, slot if slot in live else live[0])
+        if self.app.canary_route and not self.routed("canary"):
+            self.point("canary", live[0])
         self.n.status(f"pointing nginx's upstream at the routes in {os.path.dirname(self.app.route('live'))} "
                       "(once, after an upgrade or a change of instances)")
         _write(path, want)
@@ -279,6 +299,8 @@ class Fleet:
             self.start(instance)
         for slot in self.app.route_slots:
             self.point(slot, live[0] if slot == "live" else slot)
+        if self.app.canary_route:
+            self.point("canary", live[0])
         self.ensure_upstream()
         self.seed_records()
         return self.describe()
@@ -294,6 +316,8 @@ class Fleet:
         target = self.target()
         self.seed_records()
         self.ensure_upstream()  # not the release's fault if this fails: not recorded as refused
+        if self.app.canary_route:  # the old side's requests count from here (see traffic.Analysis.measure)
+            self.baseline = traffic.read_sources([self.source(i) for i in self.live() if self.running(i)])
         try:
             self.checker(self.app, self.n, as_app_user=os.geteuid() == 0).result()
             (BlueGreen(self) if self.app.strategy.one_live_instance else Rolling(self)).run()
@@ -303,10 +327,74 @@ class Fleet:
                 raise ServingBut(f"release {os.path.basename(target)} serves on {self.switched}, but: "
                                  f"{reason(e)}") from e
             releases.record_refused(self.app, target, reason(e))
+            if e is self.verdict_error:  # worded as strategy "generation" words it
+                raise type(e)(f"{e}; still serving {self.serving()}") from None
             raise
         self.record_live(target)
         self.save_generation(self.state()["generation"] + 1)
-        return self.describe()
+        outcome = self.analysis.outcome if self.analysis else ""
+        return self.describe() + (f"; {outcome}" if outcome else "")
+
+    def serving(self) -> str:
+        """What serves now, for a refusal: ``release 6 (blue)``, ``release 6 (instances 1, 2, 3)``."""
+        live = self.live()
+        pins = sorted({os.path.basename(self.pinned(i)) or "-" for i in live})
+        where = live[0] if self.app.strategy.one_live_instance else f"instances {', '.join(live)}"
+        return f"release {', '.join(pins)} ({where})"
+
+    # --- the canary route and the traffic analysis ([analysis], reloader.traffic) ---------------------------
+    def source(self, instance: str) -> traffic.Source:
+        """Where *instance*'s workers publish their request counters: its ready directory and master."""
+        return Path(self.app.instance_ready_dir(instance)), self.sd.state(self.app.instance_unit(instance)).main_pid
+
+    def judge(self, new: str, old: list[str], who: str) -> None:
+        """The bake of *new*, which the canary route points at: its requests against the *old* instances'
+        on the same traffic in the same seconds (reloader.traffic.Analysis), with its health checked and
+        `reloader rollback` heard. Returns once it passed (or too little traffic proceeds); raises a
+        refusal otherwise. At least bake_seconds, at most [analysis] timeout."""
+        app = self.app
+        serving, canary = app.canary_weights
+        total = serving * len(app.route_slots) + canary
+        unit = app.instance_unit(new)
+        main_pid = self.sd.state(unit).main_pid
+        analysis = self.analysis = traffic.Analysis(
+            app, os.path.basename(self.target()), [self.source(i) for i in old],
+            [(Path(app.instance_ready_dir(new)), main_pid)], canary=canary, workers=serving, say=self.n.status,
+            baseline=self.baseline, expected_share=canary / total, who=f"{who} (weight {canary} of {total})",
+            old_name=f"the old release's instance{'s' if len(old) > 1 else ''} {', '.join(old)}")
+        self.n.status(f"canary open: {new} serves {canary} of every {total} requests beside {', '.join(old)}; "
+                      f"baking: comparing their requests for at least {app.bake_seconds:g} s and "
+                      f"{app.analysis.min_requests} requests (at most {analysis.limit:g} s; reloader rollback "
+                      f"{app.name} refuses)")
+        checked = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= checked:  # the instance and its health every 0.2 s, as the bake without the analysis
+                    checked = now + 0.2
+                    if self.rollback_requested():
+                        raise Refused("rolled back on operator request (reloader rollback)")
+                    st = self.sd.state(unit)
+                    if not st.running or st.main_pid != main_pid:
+                        raise Refused(f"{unit} stopped or restarted during the bake")
+                    self.check_health(new, rounds=1)
+                    self.n.extend()
+                try:
+                    if analysis.look():
+                        return
+                except Refused as e:
+                    self.verdict_error = e
+                    raise
+                # The canary publishes every FLEET_LOOK_SECONDS: a bad one is refused a few requests
+                # after it became significant (reading a few small files costs next to nothing).
+                time.sleep(traffic.FLEET_LOOK_SECONDS)
+        finally:
+            if analysis.verdict:
+                self.n.log(analysis.outcome)
+                try:
+                    releases.record_analysis(app, analysis.record())
+                except OSError as e:  # the verdict stands; only the listing misses it
+                    self.n.log(f"cannot record the traffic comparison in {app.state_dir}: {e.strerror}", WARNING)
 
 
 class BlueGreen:
@@ -317,14 +405,22 @@ class BlueGreen:
 
     def run(self) -> None:
         live, idle = self.colours()
+        judged = self.f.app.canary_route
+        if judged and self.f.routed("canary") != live:  # a deploy killed while judging left it on the idle one
+            self.f.point("canary", live)
         switching = False
         try:
             self.start_idle(idle)
             if self.f.rollback_requested():
                 raise Refused("rolled back on operator request (reloader rollback) before the switch")
             switching = True
-            self.switch(live, idle)
-            self.bake(idle)
+            if judged:  # the bake is the canary's, beside the live colour; then the switch
+                self.f.point("canary", idle)
+                self.bake(idle)
+                self.switch(live, idle)
+            else:
+                self.switch(live, idle)
+                self.bake(idle)
         except Exception as e:  # not only Refused: whatever failed, the old colour serves again
             if switching:
                 self.roll_back(live, idle, e)
@@ -350,10 +446,16 @@ class BlueGreen:
     def switch(self, old: str, new: str) -> None:
         self.f.n.status(f"switching the live route from {old} to {new} (no nginx reload)")
         self.f.point("live", new)
+        if self.f.app.canary_route:
+            self.f.point("canary", new)
 
     def bake(self, instance: str) -> None:
-        """Watch the newly live colour; an operator's `reloader rollback` during the bake switches back."""
+        """Watch the newly live colour; an operator's `reloader rollback` during the bake switches back.
+        With the analysis: judge *instance*, which the canary route points at, against the live colour."""
         app = self.f.app
+        if app.canary_route:
+            self.f.judge(instance, [c for c in app.instance_names if c != instance], who=f"canary route to {instance}")
+            return
         deadline = time.monotonic() + app.bake_seconds
         self.f.n.status(f"baking {instance} for {app.bake_seconds:g} s (reloader rollback {app.name} "
                         "switches back)")
@@ -387,17 +489,22 @@ class Rolling:
         self.f = fleet
 
     def run(self) -> None:
+        judged = not self.f.app.canary_route  # with the analysis, the first instance replaced is judged
         for instance in self.f.app.instance_names:
             try:
-                self.drain(instance)
+                peer = self.drain(instance)
             except Exception:  # its route may already point at the peer: back to the instance, unchanged
                 undo(self.f, f"restoring instance {instance}'s route", lambda i=instance: self.restore(i))
                 raise
+            previous = self.f.pinned(instance)
             self.replace(instance)
+            if not judged:
+                judged = self.judge(instance, peer, previous)
             self.restore(instance)
 
-    def drain(self, instance: str) -> None:
-        """Point *instance*'s route at another serving instance and let it accept what was queued."""
+    def drain(self, instance: str) -> str:
+        """Point *instance*'s routes (its own, and the canary if it points there) at another serving
+        instance and let it accept what was queued. Returns that peer."""
         peer = next((i for i in self.f.app.instance_names if i != instance and self.f.routed(i) == i
                      and self.f.running(i)), "")
         if not peer:
@@ -405,8 +512,38 @@ class Rolling:
                           f"see reloader status {self.f.app.name}")
         self.f.n.status(f"draining instance {instance} (its route now points at instance {peer})")
         self.f.point(instance, peer)
+        if self.f.app.canary_route and self.f.routed("canary") in (instance, ""):
+            self.f.point("canary", peer)
         if self.f.running(instance):
             self.f.drained(instance)
+        return peer
+
+    def judge(self, instance: str, peer: str, previous: str) -> bool:
+        """The canary: *instance*, now on the new release while its own route still points at *peer*,
+        gets the canary route and is judged against the instances still on the old release. Refused: the
+        canary route goes back to *peer* and *instance* back to its *previous* release. Returns whether it
+        was judged (False when no instance runs the old release any more: a later one is)."""
+        f = self.f
+        old = [i for i in f.app.instance_names if i != instance and f.routed(i) == i and f.running(i)
+               and f.pinned(i) != f.target()]
+        if not old:
+            return False
+        f.point("canary", instance)
+        try:
+            f.judge(instance, old, who=f"canary route to instance {instance}")
+        except Exception as e:
+            f.n.warn(f"rolling back instance {instance} to release {os.path.basename(previous)}: {reason(e)}")
+            f.point("canary", peer)
+            undo(f, f"restoring instance {instance}'s release", lambda: self.revert(instance, previous))
+            raise
+        return True
+
+    def revert(self, instance: str, previous: str) -> None:
+        """Restart *instance* on its *previous* release (its route points elsewhere meanwhile), route it back."""
+        self.f.drained(instance)
+        self.f.pin(instance, previous)
+        self.f.start(instance, restart=True)
+        self.restore(instance)
 
     def replace(self, instance: str) -> None:
         """Restart *instance* on the new release; if it fails there, back on its old one (its route
@@ -435,6 +572,8 @@ class Rolling:
         self.f.n.status(f"instance {instance} serves release {os.path.basename(self.f.pinned(instance))}; "
                         "its route points at it again")
         self.f.point(instance, instance)
+        if self.f.app.canary_route and instance == self.f.app.instance_names[0]:
+            self.f.point("canary", instance)  # the canary route's home between deploys
 
 
 @contextmanager

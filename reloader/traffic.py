@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,10 @@ MIN_LOOK = 5
 MIN_LATENCY_LOOK = 20
 #: How often the bake reads the counters.
 LOOK_SECONDS = 0.2
+#: Blue-green/rolling: how often a young instance (the one a deploy judges) publishes its counters, and
+#: how often the fleet's bake reads them. Its share comes from nginx's weights, not from a worker count, so
+#: on a busy site it serves many requests per second: looking sooner costs fewer of them.
+FLEET_LOOK_SECONDS = 0.05
 
 
 class Regression(Refused):
@@ -127,6 +131,19 @@ def read_workers(ready_dir: Path, master: int) -> dict[int, Stats]:
                 out[int(name[6:])] = Stats.from_json(json.loads((directory / name).read_text()))
             except (OSError, ValueError, TypeError, AttributeError):
                 continue  # replaced meanwhile (it is written atomically) or gone with its worker
+    return out
+
+
+#: Where a set of workers publishes: (a ready directory, a master). A generation is one; the instances of
+#: blue-green and rolling (each its own runtime directory and master) are one each.
+Source = tuple[Path, int]
+
+
+def read_sources(sources: Sequence[Source]) -> dict[int, Stats]:
+    """The counters of every worker of every (ready directory, master) in *sources* (PIDs are unique)."""
+    out: dict[int, Stats] = {}
+    for directory, master in sources:
+        out.update(read_workers(directory, master))
     return out
 
 
@@ -229,14 +246,24 @@ class Analysis:
     :class:`Refused` on low traffic with ``low_traffic = "refuse"``) and returns True once the bake may
     end; ``outcome`` is then the verdict's short form and ``record()`` its listing entry."""
 
-    def __init__(self, app: AppConfig, release: str, old: int, new: int, *, canary: int, workers: int,
-                 say: Callable[[str], None], baseline: dict[int, Stats] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """*baseline*: the old generation's counters when the reload started (see :meth:`measure`)."""
-        self.app, self.release, self.old, self.new = app, release, old, new
+    def __init__(self, app: AppConfig, release: str, old: int | Sequence[Source], new: int | Sequence[Source], *,
+                 canary: int, workers: int, say: Callable[[str], None], baseline: dict[int, Stats] | None = None,
+                 clock: Callable[[], float] = time.monotonic, expected_share: float = 0.0, who: str = "",
+                 old_name: str = "") -> None:
+        """*old*, *new*: a master in the app's ready directory (strategy "generation"), or the sources of
+        several instances (blue-green, rolling). *baseline*: the old side's counters when the reload
+        started (see :meth:`measure`). *expected_share*: of all requests, what the new side should get
+        (default: canary workers beside the old generation's); *who*: the new side in the outcome (default:
+        the canary workers); *old_name*: the old side when it published nothing (default: its master)."""
+        self.app, self.release = app, release
         self.canary, self.workers, self.say, self.clock = canary, workers, say, clock
         self.ready_dir = Path(app.ready_dir)
-        self.since_open = read_workers(self.ready_dir, old)
+        self.old_sources = [(self.ready_dir, old)] if isinstance(old, int) else list(old)
+        self.new_sources = [(self.ready_dir, new)] if isinstance(new, int) else list(new)
+        self.old_name = old_name or "the old generation (master " + ", ".join(str(m) for _, m in self.old_sources) + ")"
+        self.expected_share = expected_share or canary / (canary + app.workers)
+        self.who = who or (f"canary {canary} of {workers} workers" if canary < workers else "new generation")
+        self.since_open = read_sources(self.old_sources)
         self.since = self.since_open if baseline is None else baseline
         self.started = clock()
         self.verdict = ""  #: "passed", "refused", "not enough traffic" once decided
@@ -256,9 +283,9 @@ class Analysis:
         reload started: it served all of them while the new one booted, the same traffic seconds earlier,
         and a larger baseline makes a bad canary significant after fewer of its requests."""
         self.seconds = self.clock() - self.started
-        old = read_workers(self.ready_dir, self.old)
+        old = read_sources(self.old_sources)
         self.old_published = bool(old)
-        self.new_stats = window(read_workers(self.ready_dir, self.new), {})
+        self.new_stats = window(read_sources(self.new_sources), {})
         self.old_stats = window(old, self.since)
         self.old_since_open = window(old, self.since_open).requests
         return self.new_stats, self.old_stats
@@ -280,8 +307,7 @@ class Analysis:
         # reason to stop judging it.
         pace = 0.0
         if self.seconds > 0:
-            expected = self.canary / (self.canary + self.app.workers)
-            pace = max(new.requests, (new.requests + self.old_since_open) * expected) / self.seconds
+            pace = max(new.requests, (new.requests + self.old_since_open) * self.expected_share) / self.seconds
         hopeless = self.seconds >= bake and new.requests + pace * (self.limit - self.seconds) < a.min_requests
         blind = self.seconds >= bake and not self.old_published and new.requests > 0
         out_of_time = self.seconds >= self.limit or hopeless or blind
@@ -296,8 +322,8 @@ class Analysis:
             return False
         self.decide("not enough traffic")
         if blind:
-            why = (f"not enough traffic to compare: the old generation (master {self.old}) published no request "
-                   "statistics (it was started by a gunicorn config without them; the next deploy compares)")
+            why = (f"not enough traffic to compare: {self.old_name} published no request statistics (it was "
+                   "started by a gunicorn config without them; the next deploy compares)")
         else:
             why = (f"not enough traffic to compare: {new.requests:,} request{'s' if new.requests != 1 else ''} "
                    f"to the new generation in {self.seconds:.0f} s ([analysis] min_requests = {a.min_requests})")
@@ -309,9 +335,8 @@ class Analysis:
 
     def decide(self, verdict: str) -> None:
         self.verdict = verdict
-        who = f"canary {self.canary} of {self.workers} workers" if self.canary < self.workers else "new generation"
         self.outcome = (f"traffic {verdict} after {self.seconds:.1f} s: {summary(self.new_stats, self.old_stats)}; "
-                        f"{who} served {pct(self.share)} of the requests")
+                        f"{self.who} served {pct(self.share)} of the requests")
 
     def record(self) -> dict:
         """The comparison for releases.json (``reloader releases`` / ``status`` show it)."""

@@ -408,7 +408,7 @@ def test_a_stray_after_an_interrupted_lockstep_swap_gets_the_old_workers_back(lo
 class FleetHost:
     """An app of two colours (or three rolling instances), every instance on release 1, deploying release 2."""
 
-    def __init__(self, root: Path, strategy: str = "blue-green", **reload: Any) -> None:
+    def __init__(self, root: Path, strategy: str = "blue-green", analysis: dict | None = None, **reload: Any) -> None:
         srv = root / "srv"
         for release in ("1", "2"):
             (srv / "releases" / release).mkdir(parents=True)
@@ -418,7 +418,7 @@ class FleetHost:
         self.app = in_tmp(parse(cfg(
             {"working_directory": str(srv / "current"), "virtualenv": str(srv / "venv")},
             gunicorn={"workers": 2}, reload={"strategy": strategy, "bake_seconds": 0, "ready_timeout": 10,
-                                             **reload})), root)
+                                             **reload}, analysis=analysis or {})), root)
         self.table = ProcessTable(self.app, workers=1)
         self.sd = FakeSystemd(self.app, self.table)
         self.n = FakeNotifier(0)
@@ -526,14 +526,20 @@ def test_blue_green_any_exception_before_the_retire_switches_back(tmp_path: Path
         host.assert_blue_still_serves(host.deploy(), "injected")
 
 
-def test_blue_green_a_bus_error_in_the_bake_switches_back(tmp_path: Path) -> None:
-    host = FleetHost(tmp_path, bake_seconds=0.3)
+@pytest.mark.parametrize("judged", [True, False])
+def test_blue_green_a_bus_error_in_the_bake_switches_back(tmp_path: Path, judged: bool) -> None:
+    """The bake: with the analysis, the canary route's before the switch; without, after it."""
+    host = FleetHost(tmp_path, bake_seconds=0.3, analysis={"enabled": judged})
     calls = [0]
     real_state = host.sd.state
 
+    def baking() -> bool:
+        return host.fleet().routed("canary" if judged else "live") == "green" and host.routes() == {
+            "live": "blue" if judged else "green"}
+
     def state_then_broken(name: str) -> Any:
         calls[0] += 1
-        if host.routes() == {"live": "green"} and calls[0] > 1:
+        if baking() and calls[0] > 1:
             raise DBusError("org.freedesktop.DBus.Error.NoReply: injected")
         return real_state(name)
 

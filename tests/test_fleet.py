@@ -28,9 +28,9 @@ ONLY_IN_PRODUCTION = ("\nimport sys\nif 'gunicorn' in ' '.join(sys.argv):\n"
                       "    raise RuntimeError('only in production')\n")
 
 
-def install(container, base: str, reload: str = "", gunicorn: str = "") -> App:
+def install(container, base: str, reload: str = "", gunicorn: str = "", analysis: str = "") -> App:
     app = App(container)
-    app.install(app.variant(base=base, reload=reload, gunicorn=gunicorn))
+    app.install(app.variant(base=base, reload=reload, gunicorn=gunicorn, analysis=analysis))
     assert app.wait_version("v1"), app.journal()
     return app
 
@@ -58,10 +58,11 @@ def nginx_workers(app: App) -> list[int]:
     return sorted(int(p) for p in app.c.run(["pgrep", "-P", master]).stdout.split())
 
 
-def routes(app: App) -> dict[str, str]:
-    """route → the socket its symlink points at."""
+def routes(app: App, *, canary: bool = False) -> dict[str, str]:
+    """route → the socket its symlink points at (*canary*: the analysis' canary route too)."""
     out = app.c.run(f"for l in {ROUTES}/*.sock; do echo \"$l $(readlink $l)\"; done").stdout.split("\n")
-    return {line.split()[0].rsplit("/", 1)[1][: -len(".sock")]: line.split()[1] for line in out if line.strip()}
+    found = {line.split()[0].rsplit("/", 1)[1][: -len(".sock")]: line.split()[1] for line in out if line.strip()}
+    return {k: v for k, v in found.items() if canary or k != "canary"}
 
 
 def assert_no_failed_request(report: dict) -> None:
@@ -107,7 +108,7 @@ def test_the_instance_socket_unit_listens_where_the_routes_point() -> None:
             expanded = re.sub(r"%(.)", lambda m, c=colour: {"%": "%", "i": c}.get(m[1], f"<%{m[1]}>"), listen)
             assert expanded == app.instance_socket(colour), (socket, listen)
     site = next(f.content for f in render.render(app) if f.name == "flaskapp.upstream.conf")
-    assert f"server unix:{app.route('live')} max_fails=0;" in site, site
+    assert f"server unix:{app.route('live')} weight={app.workers} max_fails=0;" in site, site
 
 
 def test_blue_green_deploys_under_load_never_reload_nginx(container) -> None:
@@ -160,7 +161,8 @@ def test_blue_green_refuses_broken_releases_and_leaves_the_live_colour_alone(con
 
 
 def test_blue_green_rollback_under_load(container) -> None:
-    app = install(container, BLUE_GREEN, reload="bake_seconds = 60")
+    # Without the analysis: its bake is the canary's, before the switch (tests/test_traffic_fleet.py).
+    app = install(container, BLUE_GREEN, reload="bake_seconds = 60", analysis="enabled = false")
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
     # During the pre-flight: the rollback takes effect before the switch (it is not lost).
     app.ship("v2", extra="\nimport time\ntime.sleep(3)\n")
@@ -226,7 +228,7 @@ def test_routing_and_state_agree_when_nginx_cannot_reload_or_a_deploy_is_killed(
     """The live colour is the one the route points at: a deploy needs no nginx reload (one that would
     fail changes nothing), and after a deploy killed mid-bake the next one replaces the colour that is
     not serving."""
-    app = install(container, BLUE_GREEN, reload="bake_seconds = 30")
+    app = install(container, BLUE_GREEN, reload="bake_seconds = 30", analysis="enabled = false")  # bake after switch
     workers = nginx_workers(app)
     load = app.start_load(concurrency=6, long=2, long_path="/slow?s=2")
     # Another site's broken file: `systemctl reload nginx` would fail; deploys do not need it.

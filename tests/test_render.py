@@ -229,8 +229,10 @@ def test_nginx_site(files):
     ({}, 4 + 16 + 1),  # the example: 4 workers, nginx's 16 cached keep-alive connections
     ({"gunicorn": {"workers": 9}}, 9 + 16 + 1),
     ({"gunicorn": {"workers": 2, "worker_class": "asgi"}}, 2 + 1),  # ASGI: no upstream keep-alive
-    ({"reload": {"strategy": "rolling", "instances": 3}, "gunicorn": {"workers": 2}}, 6 + 16 + 1),
-    ({"reload": {"strategy": "blue-green"}, "gunicorn": {"workers": 2}}, 2 + 16 + 1),
+    # Blue-green/rolling: the canary instance's workers too (the analysis' canary route, one more entry).
+    ({"reload": {"strategy": "rolling", "instances": 3}, "gunicorn": {"workers": 2}}, 8 + 16 + 1),
+    ({"reload": {"strategy": "blue-green"}, "gunicorn": {"workers": 2}}, 4 + 16 + 1),
+    ({"reload": {"strategy": "blue-green"}, "gunicorn": {"workers": 2}, "analysis": {"enabled": False}}, 2 + 16 + 1),
 ])
 def test_nginx_resends_an_idempotent_request_once_per_worker_that_can_die_under_it(sections, tries):
     """nginx sends a request at most once per upstream entry: the socket (or the routes) is listed once
@@ -241,7 +243,8 @@ def test_nginx_resends_an_idempotent_request_once_per_worker_that_can_die_under_
     files = {f.name: f.content for f in render(app)}
     site = files["flaskapp.nginx.conf"]
     servers = site if not app.multi_instance else files["flaskapp.upstream.conf"]
-    assert len(re.findall(r"^\s*server unix:\S+ max_fails=0( backup)?;$", servers, re.M)) == tries, servers
+    entries = len(re.findall(r"^\s*server unix:\S+( weight=\d+)? max_fails=0( backup)?;$", servers, re.M))
+    assert entries == tries + app.canary_route, servers
     assert re.search(r"^\s*proxy_next_upstream error;$", site, re.M), site
     assert f"proxy_next_upstream_tries {tries};" in site
     assert "proxy_next_upstream_timeout 30s;" in site

@@ -251,6 +251,7 @@ def _wait_at_the_gate(worker):
 # them and documents the format): counted in memory by each worker, published at most every 0.5 s (a canary
 # being judged: 0.1 s).
 import inspect
+import json
 import math
 import time
 

@@ -93,6 +93,67 @@ def post_worker_init(worker):
     _mark(worker.ppid, f"worker-{worker.pid}", str(worker.pid))
 
 
+# Request statistics for the bake's comparison of two generations ([analysis]; reloader/traffic.py reads
+# them and documents the format): counted in memory by each worker, published at most every 0.5 s (a canary
+# being judged: 0.1 s).
+import inspect
+import json
+import math
+import time
+
+_STATS = {"requests": 0, "5xx": 0, "latency": {}}
+# When each request in this worker started, by id(req): the asgi worker's request objects take no new
+# attribute (__slots__), and an async or threaded worker runs several requests at once.
+_STARTED = {}
+_PUBLISHED = [0.0]
+_PUBLISH_EVERY = [0.5]
+_STARTED_AT = time.monotonic()  # when this instance's master read this file
+_HEALTH = '/health'
+
+
+def _user_post_request():
+    """Your post_request (from config_file) with gunicorn's 4 arguments, whichever 2-4 it takes."""
+    hook = _USER.get("post_request")
+    if not callable(hook):
+        return None
+    arity = len(inspect.signature(hook).parameters)
+    if arity >= 4:
+        return hook
+    return lambda worker, req, environ, resp: hook(*(worker, req, environ)[:arity])
+
+
+_USER_POST_REQUEST = _user_post_request()
+
+
+def pre_request(worker, req):
+    _user_hook("pre_request", worker, req)
+    if len(_STARTED) > 4096:  # requests whose post_request never ran (the app raised past gunicorn)
+        _STARTED.clear()
+    _STARTED[id(req)] = time.monotonic()
+
+
+def post_request(worker, req, environ, resp):
+    if _USER_POST_REQUEST:
+        _USER_POST_REQUEST(worker, req, environ, resp)
+    started = _STARTED.pop(id(req), 0.0)
+    if not started or req.path == _HEALTH:
+        return
+    # WSGI: resp.status_code, None when the app raised before answering (gunicorn sends a 500); the asgi
+    # worker: resp.status, and no resp at all without its access log (then no status is known).
+    status = resp.status_code if hasattr(resp, "status_code") else getattr(resp, "status", 0)
+    now, stats = time.monotonic(), _STATS
+    stats["requests"] += 1
+    stats["5xx"] += status is None or str(status)[:1] == "5"
+    bucket = int(math.log2(1 + (now - started) * 1e6) * 4)
+    stats["latency"][bucket] = stats["latency"].get(bucket, 0) + 1
+    if now - _PUBLISHED[0] >= _PUBLISH_EVERY[0]:
+        _PUBLISHED[0] = now
+        _mark(worker.ppid, f"stats-{worker.pid}", json.dumps(stats))
+        # An instance a deploy started is judged while it is young (booting, then the bake): every 0.05 s
+        # then (reloader.traffic.FLEET_LOOK_SECONDS).
+        _PUBLISH_EVERY[0] = 0.05 if now - _STARTED_AT < 160.0 else 0.5
+
+
 def child_exit(server, worker):
     """Runs in the master when a worker died: a new generation that loses workers fails its bake."""
     _user_hook("child_exit", server, worker)
