@@ -292,7 +292,10 @@ class Swap:
             return False
 
         if not self.proc.wait_for(found, 30, tick=self.n.extend):
-            raise Refused(f"master {self.old} did not start a new master within 30 s (no {pidfile2})")
+            pid = _read_pid(pidfile2)
+            raise Refused(f"master {self.old} did not start a new master within 30 s ("
+                          + (f"{pidfile2} names {pid}, which succeeds master {_heir_of(self.ready_dir, pid)} "
+                             f"and has parent {self.proc.ppid(pid)}" if pid else f"no {pidfile2}") + ")")
 
     def wait_ready(self, master: int, want: int, check: Preflight | None = None,
                    exclude: set[int] = frozenset(), *, no_exits: bool = False) -> None:
