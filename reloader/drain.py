@@ -197,7 +197,7 @@ def watch_old_generation(me: int, old: int, old_dir: str, sleep: Callable[[float
     STATUS= and TERM *old* when its connections are closed or at the deadline."""
     flag = os.path.join(old_dir, FLAG)
     while not os.path.exists(flag):
-        if os.getppid() != old:  # the old master went without a drain (or we were rolled back)
+        if not _alive(old):  # the old master went without a drain
             return
         sleep(POLL)
     request = _read(flag) or {}
@@ -206,7 +206,7 @@ def watch_old_generation(me: int, old: int, old_dir: str, sleep: Callable[[float
     _write(os.path.join(old_dir, WATCHED), {"master": me})
     said = ""
     n, errors = 0, []
-    while os.getppid() == old and _alive(old):
+    while _alive(old):
         n, silent, errors = count(old_dir)
         if (n == 0 and not silent) or errors or time.time() >= deadline:
             break
@@ -232,8 +232,10 @@ def watch_old_generation(me: int, old: int, old_dir: str, sleep: Callable[[float
 
 
 def in_master(server: Any, ready_dir: str) -> None:
-    """A master forked by a reload (its parent is the retiring master of this app) watches the drain."""
-    old = os.getppid()
+    """A master started by a reload watches the drain of the retiring master of this app: the one gunicorn
+    names in GUNICORN_PID (server.master_pid until its promotion). It is not our parent: the config's
+    pre_exec detached us (a parent is still looked at for a new master that was not detached)."""
+    old = server.master_pid or os.getppid()
     old_dir = os.path.join(ready_dir, str(old))
     if getattr(server, "_reloader_drain", False) or not os.path.exists(os.path.join(old_dir, "master")):
         return

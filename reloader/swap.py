@@ -198,9 +198,10 @@ class Swap:
     # --- steps ------------------------------------------------------------------------------------
     def clean_up_strays(self) -> None:
         """Undo what a helper killed mid-reload may have left, so this reload starts from one generation."""
-        parent = self.proc.ppid(self.old)
+        parent = _heir_of(self.ready_dir, self.old) or self.proc.ppid(self.old)
         if parent > 1 and self.proc.same_unit(parent, self.old) and _is_master(parent, self.app, self.proc):
-            # Killed after the hand-over, before retiring: the old master is MainPID's parent.
+            # Killed after the hand-over, before retiring: the old master is the one MainPID succeeds
+            # (its ready/MAINPID/heir-of; its parent, for a new master started before pre_exec detached it).
             self.n.status(drain.ending(self.app, parent)
                           or f"retiring old master {parent} left by an interrupted reload")
             self.proc.send(parent, signal.SIGTERM)
@@ -209,14 +210,13 @@ class Swap:
                 raise Refused(f"old master {parent} from an interrupted reload did not exit")
             # The new master promotes itself (renames gunicorn.pid.2) on its next loop.
             self.proc.wait_for(lambda: _read_pid(self.app.pidfile) == self.old, 5)
-        for child in self.proc.children(self.old):
-            if _is_master(child, self.app, self.proc):
-                self.restore_worker_count(stray=child)
-                self.n.status(f"stopping stray new master {child} left by an interrupted reload")
-                self.proc.send(child, signal.SIGTERM)
-                if not self.proc.wait_for(lambda c=child: self._reaped(c), self.app.graceful_timeout + 10,
-                                          tick=self.n.extend):
-                    raise Refused(f"stray master {child} did not exit (or master {self.old} did not reap it)")
+        for child in self._successors():
+            self.restore_worker_count(stray=child)
+            self.n.status(f"stopping stray new master {child} left by an interrupted reload")
+            self.proc.send(child, signal.SIGTERM)
+            if not self.proc.wait_for(lambda c=child: self._reaped(c), self.app.graceful_timeout + 10,
+                                      tick=self.n.extend):
+                raise Refused(f"stray master {child} did not exit (or master {self.old} did not reap it)")
         # Let the old master reap it (it ignores USR2 while it still has a child master).
         self.proc.wait_for(lambda: not Path(self.app.new_pidfile).exists(), 3)
         if self.ready_dir.is_dir():
@@ -268,25 +268,34 @@ class Swap:
         self.n.status(f"starting a new generation next to master {self.old} (USR2"
                       + (f", {workers} workers" if workers else "") + (", gated" if gated else "") + ")")
         before = set(self.proc.children(self.old))
+        heirs_before = set(_heirs(self.ready_dir, self.old))
         self.proc.send(self.old, signal.SIGUSR2)
         pidfile2 = self.app.new_pidfile
         forked: set[int] = set()
 
         def found() -> bool:
             pid = _read_pid(pidfile2)
-            if pid and self.proc.ppid(pid) == self.old:
+            if pid and self._succeeds(pid):
                 self.new = pid
                 return True
-            # The new master is a fresh child of the old one; if it is gone before it wrote its
-            # pidfile, it died starting (e.g. could not take over the sockets): fail now, not at 30 s.
+            # The old master forks a child, whose pre_exec forks the new master and exits at once, after
+            # writing ready/NEW/heir-of (the config's _detach). Once every process forked so far is gone
+            # and there is no pidfile, the new master died starting (e.g. could not take over the
+            # sockets): fail now, not at 30 s. The heirs are read after the forked children were seen
+            # gone, so a new master whose intermediate exited is always among them.
             forked.update(set(self.proc.children(self.old)) - before)
-            if forked and not any(self.proc.alive(p) for p in forked) and not Path(pidfile2).exists():
-                raise Refused(f"the new master exited while starting (pid {min(forked)}); "
-                              f"see journalctl -u {self.app.service}")
+            if forked and not any(self.proc.alive(p) for p in forked):
+                forked.update(set(_heirs(self.ready_dir, self.old)) - heirs_before)
+                if not any(self.proc.alive(p) for p in forked) and not Path(pidfile2).exists():
+                    raise Refused(f"the new master exited while starting (pid {max(forked)}); "
+                                  f"see journalctl -u {self.app.service}")
             return False
 
         if not self.proc.wait_for(found, 30, tick=self.n.extend):
-            raise Refused(f"master {self.old} did not start a new master within 30 s (no {pidfile2})")
+            pid = _read_pid(pidfile2)
+            raise Refused(f"master {self.old} did not start a new master within 30 s ("
+                          + (f"{pidfile2} names {pid}, which succeeds master {_heir_of(self.ready_dir, pid)} "
+                             f"and has parent {self.proc.ppid(pid)}" if pid else f"no {pidfile2}") + ")")
 
     def wait_ready(self, master: int, want: int, check: Preflight | None = None,
                    exclude: set[int] = frozenset(), *, no_exits: bool = False) -> None:
@@ -557,13 +566,31 @@ class Swap:
             return f"master {master}"
 
     def _reaped(self, pid: int) -> bool:
-        """*pid*, a new master forked by the old one, is gone for good: the old master reaped it. Having
-        exited is not enough: until gunicorn's master has handled that SIGCHLD it ignores USR2 ("USR2
-        signal ignored. Child exists."), and when both are pending it handles the USR2 first (CPython runs
+        """*pid*, a new master of the old one, is gone for good. A detached one (the config's pre_exec) is
+        systemd's child, which reaps it. One still the old master's child (a failed detach, or a new
+        master of a config from before that) must have been reaped by the old master: having exited is
+        not enough, for until gunicorn's master has handled that SIGCHLD it ignores USR2 ("USR2 signal
+        ignored. Child exists."), and when both are pending it handles the USR2 first (CPython runs
         signal handlers in signal-number order: USR2 is 12, CHLD 17), so the next reload would wait 30 s
         for a new master that never comes. A zombie's parent is still the old master; a reaped pid has
         none (or, reused, another)."""
-        return self.proc.ppid(pid) != self.old
+        return not self.proc.alive(pid) and self.proc.ppid(pid) != self.old
+
+    def _succeeds(self, pid: int) -> bool:
+        """*pid* is a live new master of the old one: its ready directory says it succeeds the old master
+        (written before the old master's fork exited, from the pid gunicorn gives the new master in
+        GUNICORN_PID) or, not detached, it is the old master's child."""
+        if not self.proc.alive(pid):
+            return False
+        return _heir_of(self.ready_dir, pid) == self.old or self.proc.ppid(pid) == self.old
+
+    def _successors(self) -> list[int]:
+        """Live new masters of the old one (a stray left by a helper killed mid-reload): those whose ready
+        directory names the old master, in its cgroup, and masters among its children."""
+        heirs = {p for p in _heirs(self.ready_dir, self.old)
+                 if self.proc.alive(p) and self.proc.same_unit(p, self.old)}
+        children = {p for p in self.proc.children(self.old) if _is_master(p, self.app, self.proc)}
+        return sorted(heirs | children)
 
     def _ready_workers(self, master: int) -> set[int]:
         return ready_workers(self.ready_dir, master, self.proc)
@@ -632,6 +659,19 @@ def _is_master(pid: int, app: AppConfig, processes: ProcessTable = proc) -> bool
     if (Path(app.ready_dir) / str(pid) / "master").exists():
         return True
     return pid in (_read_pid(app.pidfile), _read_pid(app.new_pidfile)) and processes.alive(pid)
+
+
+def _heir_of(ready_dir: Path, pid: int) -> int:
+    """The master that master *pid* succeeds (ready/PID/heir-of, see the config's _detach), or 0."""
+    return _read_pid(str(ready_dir / str(pid) / "heir-of"))
+
+
+def _heirs(ready_dir: Path, old: int) -> list[int]:
+    """Every pid (live or not) whose ready directory says it succeeds master *old*."""
+    if not ready_dir.is_dir():
+        return []
+    return sorted(int(e.name) for e in ready_dir.iterdir()
+                  if e.name.isdigit() and _heir_of(ready_dir, int(e.name)) == old)
 
 
 def _read_pid(path: str) -> int:

@@ -141,19 +141,25 @@ class Process:
     replaced: bool = False  #: a worker started by a HUP (the new code)
     marks: Path = Path("/nonexistent")  #: a master: its ready-marker directory (ready_dir/PID)
     gate_seen_at: float | None = None  #: a gated master: when its gate-open marker first existed
+    heir_of: int = 0  #: a USR2 new master not promoted yet: the old master (GUNICORN_PID), 0 once promoted
 
 
 class ProcessTable:
     """Gunicorn masters and workers of one app as reloader.proc sees them, driven by a fake clock.
 
     What it models of gunicorn (and the gunicorn config's hooks, which write the real ready markers in the
-    app's ready dir under tmp): USR2 forks a new master that reads the helper's boot request, writes
-    gunicorn.pid.2 and its master marker and boots its workers (each marks worker-PID once it has loaded
-    the app, after *boot_seconds*); TTIN/TTOU add a worker / retire the oldest; HUP replaces the workers;
-    TERM/QUIT stop a master and its workers; a master whose parent is gone promotes itself (pidfile). A
-    master handles the signals pending since it last ran in signal-number order, as CPython runs signal
-    handlers; it ignores USR2 while it has a child master it has not reaped ("Child exists"), and reaps a
-    dead child only when it handles that SIGCHLD. Time passes only in :meth:`wait_for` (and :meth:`advance`).
+    app's ready dir under tmp): USR2 forks a child whose pre_exec forks the new master, writes its
+    ready/NEW/heir-of (the old master's pid) and exits (the config's _detach): the new master is PID 1's
+    child, the old one reaps the intermediate when it handles that SIGCHLD. The new master reads the
+    helper's boot request, writes gunicorn.pid.2 and its master marker and boots its workers (each marks
+    worker-PID once it has loaded the app, after *boot_seconds*); TTIN/TTOU add a worker / retire the
+    oldest; HUP replaces the workers; TERM/QUIT stop a master and its workers; a new master promotes itself
+    (pidfile, heir-of removed) once the old master is gone (reaped). With *detach* False (a failed fork in
+    pre_exec, or a config from before it) the new master stays the old one's child and promotes itself
+    once its parent is gone. A master handles the signals pending since it last ran in signal-number
+    order, as CPython runs signal handlers; it ignores USR2 while it has a child master it has not reaped
+    ("Child exists"), and reaps a dead child only when it handles that SIGCHLD. Time passes only in
+    :meth:`wait_for` (and :meth:`advance`).
 
     Faults (attributes a test sets): *never_ready* (workers of new masters never load the app),
     *master_dies_at* (a new master exits when the clock passes that time), *usr2_ignored* (the old master
@@ -172,6 +178,7 @@ class ProcessTable:
         self.usr2_ignored = False
         self.on_send: Callable[[int, signal.Signals], None] | None = None
         self.gate_blocked = False  #: a new master's gate-open cannot be written (an OSError at the gate)
+        self.detach = True  #: pre_exec's double fork: a new master is PID 1's child, not the old master's
         self.ready_dir = Path(app.ready_dir)
         self.ready_dir.mkdir(parents=True, exist_ok=True)
         self.systemd = Process(pid=1, ppid=0, master=False, state="running", cgroup="init.scope")
@@ -279,7 +286,12 @@ class ProcessTable:
             (master.marks / f"worker-{w.pid}").write_text(str(w.pid))  # post_worker_init
 
     def run_master(self, m: Process) -> None:
-        if m.ppid != 1 and not self.alive(m.ppid):  # maybe_promote_master: the parent is gone
+        if m.heir_of and self.procs[m.heir_of].state == "reaped":  # maybe_promote_master (the config's)
+            m.heir_of = 0
+            (m.marks / "heir-of").unlink(missing_ok=True)
+            if Path(self.app.new_pidfile).exists() and _read(self.app.new_pidfile) == m.pid:
+                os.replace(self.app.new_pidfile, self.app.pidfile)
+        if m.ppid != 1 and not self.alive(m.ppid):  # not detached: gunicorn promotes when its parent is gone
             m.ppid = 1
             m.cgroup = "app.service"
             if Path(self.app.new_pidfile).exists() and _read(self.app.new_pidfile) == m.pid:
@@ -326,8 +338,15 @@ class ProcessTable:
             request = {}
         if request.get("master") != m.pid:
             request = {}
-        new = self.start_master(m.pid, request.get("workers") or self.app.workers, bool(request.get("gated")))
+        if self.detach:  # the intermediate of pre_exec's double fork: exited, the old master reaps it
+            self.spawn(m.pid, master=True, state="zombie", cgroup=m.cgroup)
+            m.pending.append(signal.SIGCHLD)
+        new = self.start_master(1 if self.detach else m.pid, request.get("workers") or self.app.workers,
+                                bool(request.get("gated")))
         self.procs[new].cgroup = m.cgroup
+        if self.detach:
+            self.procs[new].heir_of = m.pid
+            (self.procs[new].marks / "heir-of").write_text(str(m.pid))
         if self.gate_blocked:
             (self.procs[new].marks / "gate-open").mkdir()  # writing the file there fails: IsADirectoryError
         Path(self.app.new_pidfile).write_text(f"{new}\n")

@@ -404,6 +404,47 @@ def test_a_stray_after_an_interrupted_lockstep_swap_gets_the_old_workers_back(lo
     assert after.index((lockstep.old, "SIGTTIN")) < after.index((stray, "SIGTERM")), after
 
 
+def test_a_stray_new_master_whose_parent_is_pid_1_is_found_by_its_heir_marker_and_stopped(host: Host) -> None:
+    """pre_exec detaches the new master (systemd's child, so MAINPID= draws no warning): a stray one is not
+    a child of the old master, and the clean-up finds it by ready/STRAY/heir-of instead."""
+    stray = leave_a_stray_generation(host)
+    assert host.table.ppid(stray) == 1 and stray not in host.table.children(host.old)
+    assert (Path(host.app.ready_dir) / str(stray) / "heir-of").read_text() == str(host.old)
+    new = host.assert_deployed(host.run())
+    assert new != stray and host.table.procs[stray].state == "reaped"
+    assert f"stopping stray new master {stray} left by an interrupted reload" in host.n.statuses
+    assert (stray, "SIGTERM") in [(pid, what) for _, pid, what in host.table.log]
+
+
+def test_a_helper_killed_after_the_hand_over_leaves_an_old_master_the_next_reload_retires(host: Host) -> None:
+    """Killed between MAINPID= and retiring: MainPID is the detached new master (parent PID 1), and the
+    master it succeeds, named in its ready directory, still runs; the next reload retires that first."""
+    engine = host.swap()
+
+    def killed() -> None:
+        raise SystemExit("SIGKILL")
+
+    engine.retire_old_generation = killed  # type: ignore[method-assign]
+    with pytest.raises(SystemExit):
+        engine.run()
+    main, old = engine.new, host.old
+    assert host.n.main_pid == main and host.table.ppid(main) == 1 and host.table.alive(old)
+    host.old, host.n = main, FakeNotifier(main)
+    new = host.assert_deployed(host.run())
+    assert f"retiring old master {old} left by an interrupted reload" in host.n.statuses
+    assert not host.table.alive(old) and new != main
+
+
+def test_a_new_master_that_was_not_detached_is_still_found_by_its_parent(host: Host) -> None:
+    """A failed fork in pre_exec (or a gunicorn config rendered before the detach) leaves the new master the
+    old one's child, without a heir-of marker: the swap and the stray clean-up still find it."""
+    host.table.detach = False
+    stray = leave_a_stray_generation(host)
+    assert host.table.ppid(stray) == host.old
+    new = host.assert_deployed(host.run())
+    assert host.table.ppid(new) == 1 and host.table.procs[stray].state == "reaped"
+
+
 # --- blue-green and rolling (reloader.fleet) --------------------------------------------------------------------
 class FleetHost:
     """An app of two colours (or three rolling instances), every instance on release 1, deploying release 2."""
