@@ -14,6 +14,10 @@ wsgi_app = 'app:app'
 _CURRENT = '/srv/flaskapp/current'
 _RECORDS = '/var/lib/reloader/flaskapp/releases.json'
 _BOOT_REQUEST = '/run/flaskapp/boot-request.json'
+# A USR2 new master: the old master that re-exec'd us, which gunicorn names in GUNICORN_PID (set in our
+# environment at the exec). We are not its child (pre_exec detaches us), so this, not our parent, says
+# which master's generation we are; 0 on a start, a restart, or a HUP after our promotion.
+_OLD_MASTER = int(os.environ.get("GUNICORN_PID") or 0)
 # The listening socket comes from flaskapp.socket (LISTEN_FDS); this bind is only a fallback.
 bind = ['unix:/run/flaskapp.sock']
 workers = 4
@@ -46,20 +50,22 @@ def _mark(master_pid, name, text="", mode=0o644):
     directory = os.path.join(_READY_DIR, str(master_pid))
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # two processes may write one marker (heir-of: see _detach)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
-def _boot_request():
+def _boot_request(*masters):
     """The release and environment a reload's helper resolved for this master: written for the master it
-    signals, i.e. our parent (we are the USR2 new master) or ourselves (HUP)."""
+    signals, i.e. the one that re-exec'd us (we are the USR2 new master) or ourselves (HUP); or for one
+    of *masters*."""
     try:
         with open(_BOOT_REQUEST) as f:
             request = json.load(f)
     except (OSError, ValueError):
         return None
-    return request if request.get("master") in (os.getpid(), os.getppid()) else None
+    return request if request.get("master") in (masters or (os.getpid(), _OLD_MASTER)) else None
 
 
 def _release():
@@ -122,15 +128,28 @@ _mark(os.getpid(), "boot.json", json.dumps({"release": chdir, "virtualenv": os.p
 
 
 def _next_generation():
-    """The reload's request to us as its new generation (we are the USR2 child of the master it names),
+    """The reload's request to us as its new generation (the master it names re-exec'd us: GUNICORN_PID),
     while the helper that wrote it still runs; None on a start, a restart or a HUP."""
     request = _boot_request()
-    if not request or request.get("master") != os.getppid():
+    if not request or not _OLD_MASTER or request.get("master") != _OLD_MASTER:
         return None
     return request if os.path.exists(f"/proc/{request.get('helper', 0)}") else None
 
 
+def _start_time(pid):
+    """When *pid* started (/proc/PID/stat), "" once it is gone: tells the old master from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 _GENERATION = _next_generation() or {}
+_OLD_STARTED = _start_time(_OLD_MASTER) if _OLD_MASTER else ""
+if _GENERATION:
+    # Who we succeed, for the helper (reloader/swap.py): pre_exec wrote it already, this is in case it could not.
+    _mark(os.getpid(), "heir-of", str(_OLD_MASTER))
 # Gated: our workers load the app, then wait (see _wait_at_the_gate) until the helper opens the gate.
 _GATED = bool(_GENERATION.get("gated"))
 # max_surge: start with that many workers; the helper adds the rest (TTIN) as it retires old ones (TTOU).
@@ -146,7 +165,7 @@ def pre_exec(server):
     copies, not fds 3..3+n-1: put them where sd_listen_fds() looks, inheritable."""
     _user_hook("pre_exec", server)
     python = _PYTHON
-    request = _boot_request()
+    request = _boot_request(server.pid)  # we are the old master's fork: server.pid is its pid
     if request:
         # The environment systemd would give a fresh ExecStart= now (the helper's own), but systemd's
         # per-process variables (journal stream, sockets) stay those of this master; gunicorn copies
@@ -163,6 +182,8 @@ def pre_exec(server):
     if os.path.exists(python):
         server.START_CTX[0] = python
         server.START_CTX["args"][0] = python
+    if request:
+        _detach(server)
     if not getattr(server, "systemd", False):
         return
     import fcntl
@@ -176,10 +197,89 @@ def pre_exec(server):
         os.close(fd)
 
 
+def _detach(server):
+    """Fork once more and let the intermediate exit, so the new master (the grandchild, which goes on to
+    exec) is re-parented to PID 1, systemd: when the helper names it in MAINPID=, systemd supervises its
+    own child, without the warning "Supervising process N which is not our child" (service_set_main_pid).
+    The old master reaps the intermediate at once. Before it exits, the intermediate records which master
+    the new one succeeds (ready/NEW/heir-of), so that from then on the helper finds it by that, not by
+    its parent. A failed fork leaves things as they were: the new master stays the old one's child."""
+    try:
+        child = os.fork()
+    except OSError:
+        return
+    if child:
+        try:
+            _mark(child, "heir-of", str(server.pid))  # server.pid: the old master's (we are its fork)
+        finally:
+            os._exit(0)
+
+
+def _promote_when_the_old_master_is_gone(server):
+    """gunicorn promotes a USR2 new master (pidfile .2 -> pidfile, a proc name without .2) once its parent
+    is not the old master. Detached (see _detach), that is at once, while the old master still serves and
+    holds the pidfile (gunicorn's Pidfile.create would refuse to overwrite it, and the master would die):
+    promote only once the old master is gone, as gunicorn does for a child."""
+    if not _OLD_MASTER or getattr(server, "_reloader_promotion", None):
+        return
+    promote = server.maybe_promote_master
+
+    def maybe_promote_master():
+        if server.master_pid and _start_time(server.master_pid) == _OLD_STARTED and _OLD_STARTED:
+            return  # the old master still runs (or is a zombie holding its pid)
+        promote()
+        if not server.master_pid:  # promoted: we succeed nobody any more (see reloader/swap.py)
+            try:
+                os.unlink(os.path.join(_READY_DIR, str(server.pid), "heir-of"))
+            except OSError:
+                pass
+
+    server._reloader_promotion = promote
+    server.maybe_promote_master = maybe_promote_master
+
+
+def _keep_the_socket_for_the_heir(server):
+    """gunicorn's stop() unlinks a bound unix socket when the master has neither a parent master nor a
+    re-exec child (reexec_pid, which the detached new master is not: the old one reaped the intermediate):
+    the old master retiring would unlink the socket the new one serves. While a master of ours succeeds
+    this one (its ready directory says heir-of this pid), keep it."""
+    stop = getattr(server, "stop", None)
+    if stop is None or getattr(server, "_reloader_stop", None):
+        return
+    server._reloader_stop = stop
+
+    def stop_keeping_the_socket(graceful=True):
+        if not server.reexec_pid:
+            heir = _heir_of(server.pid)
+            if heir:
+                server.reexec_pid = heir
+        stop(graceful)
+
+    server.stop = stop_keeping_the_socket
+
+
+def _heir_of(pid):
+    """A live new master whose ready directory names *pid* as the master it succeeds, or 0."""
+    try:
+        entries = os.listdir(_READY_DIR)
+    except OSError:
+        return 0
+    for name in entries:
+        try:
+            with open(os.path.join(_READY_DIR, name, "heir-of")) as f:
+                if name.isdigit() and int(f.read() or 0) == pid and _start_time(int(name)):
+                    return int(name)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
 def when_ready(server):
     """The master is listening: record it so the helper can tell a live master from a booting one."""
     _user_hook("when_ready", server)
     _mark(server.pid, "master", str(server.pid))
+    _promote_when_the_old_master_is_gone(server)
+    _keep_the_socket_for_the_heir(server)
     if _GATED:
         # gunicorn starts its workers up to 0.1 s apart (Arbiter.spawn_workers); behind a shut gate the
         # first answer waits for the last of them, so start them all at once, as a HUP does.

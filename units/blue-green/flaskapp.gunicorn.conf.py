@@ -40,9 +40,10 @@ def _mark(master_pid, name, text="", mode=0o644):
     directory = os.path.join(_READY_DIR, str(master_pid))
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # two processes may write one marker (heir-of: see _detach)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def pre_exec(server):
