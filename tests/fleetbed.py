@@ -399,9 +399,11 @@ class Fleet:
         """The host dies: its container is stopped (the rest of the fleet keeps running)."""
         self.apps[host].stop()
 
-    def cut_host(self, host: str) -> None:
+    def cut_host(self, host: str) -> tuple[float, float]:
         """The host's network goes away without a word (a power loss, a pulled cable): its port on the test's
-        bridge is set down, so nothing it had open gets a reset or a FIN; then its container is stopped."""
+        bridge is set down, so nothing it had open gets a reset or a FIN; then its container is stopped.
+        Returns the monotonic times just before and just after the port went down: the cut happened in
+        between (finding the port first takes a while on a loaded machine, and requests keep coming)."""
         iflink = self.apps[host].run("cat /sys/class/net/host0/iflink").stdout.strip()
         links = subprocess.run(["ip", "-n", self.net.name, "-o", "link", "show"], capture_output=True,
                                text=True, check=True).stdout
@@ -409,9 +411,12 @@ class Fleet:
                      if line.split(":")[0].strip() == iflink), None)
         if port is None:
             raise testbed.TestbedError(f"{host}: no bridge port with ifindex {iflink}:\n{links}")
+        before = time.monotonic()
         subprocess.run(["ip", "-n", self.net.name, "link", "set", "dev", port, "down"], check=True)
+        after = time.monotonic()
         testbed.log(f"{host}: bridge port {port} down")
         self.apps[host].stop()
+        return before, after
 
     # --- the seed's way, side by side (the baseline) -----------------------------------------------------
     def install_seed(self) -> None:

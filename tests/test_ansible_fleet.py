@@ -265,8 +265,7 @@ def test_host_whose_network_is_cut_mid_roll(fleet: fleetbed.Fleet) -> None:
                                      check=False).returncode != 0:
             assert time.monotonic() < deadline and t.is_alive(), "the wave never reached app2"
             time.sleep(0.1)
-        cut = time.monotonic()
-        fleet.cut_host("app2")
+        cut, cut_done = fleet.cut_host("app2")
         t.join(timeout=120)
         ended = time.monotonic()
         sampler.wait_traffic(100)  # the balancer still answers, from app1 and app3
@@ -275,8 +274,9 @@ def test_host_whose_network_is_cut_mid_roll(fleet: fleetbed.Fleet) -> None:
         samples = sampler.stop()
     run = done["run"]
     records = report["records"]
-    in_flight = [r for r in records if r["start"] < cut < r["start"] + r["latency"]]
-    after = [r for r in records if r["start"] >= cut]
+    # In flight at the cut: sent before the port was down and not answered before it went down.
+    in_flight = [r for r in records if r["start"] < cut_done and r["start"] + r["latency"] > cut]
+    after = [r for r in records if r["start"] >= cut_done]
     failed = [r for r in records if r["kind"] != "ok" and r["start"] + r["latency"] >= cut]
     slow = [r for r in records if r["start"] + r["latency"] >= cut and r["latency"] > 5 + 2 * r["long"]]
     down = next((row["t"] for row in samples.rows if row.get("servers", {}).get("app2", "").startswith("DOWN")),

@@ -53,7 +53,10 @@ def test_the_reload_budget_counts_the_bake_the_setup_and_every_instance() -> Non
     three, six = config({"strategy": "rolling"}), config({"strategy": "rolling", "instances": 6})
     per_instance = three.ready_timeout + three.graceful_timeout + 60
     assert six.reload_budget - three.reload_budget == 3 * per_instance
-    assert config({"strategy": "blue-green"}).reload_budget == base.preflight_timeout + 2 + 2 * per_instance
+    # Blue-green is judged by the traffic analysis too (its canary route), so its bake may last up to 30 s.
+    assert config({"strategy": "blue-green"}).reload_budget == base.preflight_timeout + 30 + 2 * per_instance
+    assert (config({"strategy": "blue-green"}, analysis={"enabled": False}).reload_budget
+            == base.preflight_timeout + 2 + 2 * per_instance)
     for app in (base, config({"bake_seconds": 300}), with_setup, three, six, config({"strategy": "blue-green"})):
         assert timeout_start_sec(app) == app.reload_budget, app.strategy
         # A client waits longer than the unit, to report systemd's verdict on a reload that overran.
