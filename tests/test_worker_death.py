@@ -103,9 +103,17 @@ def upstream_cuts(app: App) -> tuple[int, int]:
     return sum(per_request.values()), max(per_request.values(), default=0)
 
 
-def assert_no_failed_get(report: dict, long_at_least: int) -> None:
+#: An answer the killed worker had begun: nginx passes the upstream's header on before the body and cannot
+#: resend half an answer, so the client reads a short body (docs/worker-death.md, "after it started answering").
+CUT_SHORT = "other:IncompleteRead"
+
+
+def assert_no_failed_get(report: dict, long_at_least: int, cut_short_at_most: int = 0) -> None:
+    """No GET failed, except at most *cut_short_at_most* answers cut short (begun before the worker died)."""
     assert report["total"] > 0, report["summary"]
-    assert report["failures"] == {}, (report["summary"], report.get("first_failures"))
+    failures = dict(report["failures"])
+    assert failures.pop(CUT_SHORT, 0) <= cut_short_at_most, (report["summary"], report.get("first_failures"))
+    assert failures == {}, (report["summary"], report.get("first_failures"))
     assert report["long"]["failed"] == 0, report["long"]
     assert report["long"]["total"] >= long_at_least, report["long"]
 
@@ -165,6 +173,8 @@ def test_a_worker_killed_in_steady_state_costs_no_get_and_a_post_on_it_gets_one_
     assert app.c.read_file(POSTS).split() == ["post-1"], "nginx resent the POST"
 
     report = app.stop_load(load)
-    assert_no_failed_get(report, long_at_least=20)
+    # Resent: every request the kills caught before its answer began (the long GETs, all of them held).
+    # Not resendable: a short GET whose answer had begun; at most the 4 clients' requests, per kill.
+    assert_no_failed_get(report, long_at_least=20, cut_short_at_most=2 * 4)
     print(f"steady state: {len(requests)} long GETs in flight on the killed worker, {cuts} cut and resent; "
           f"{report['summary']}")
