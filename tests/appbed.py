@@ -43,9 +43,12 @@ IMPORT_ERROR = BROKEN["import error"][0]
 #: The checkout is read-only in the container, so its bytecode is compiled once, as root, under a prefix
 #: (install_wrapper), as the .deb's py3compile does at install: a helper started by systemd then loads
 #: compiled modules instead of compiling them on every reload, in a sandbox that could not save them.
+#: -X, not $PYTHONPYCACHEPREFIX: the helper's environment becomes the new master's (a reload boots it with
+#: the environment systemd would give ExecStart=), and the app's workers would then look for every module
+#: of the virtualenv under that prefix and compile them all at each boot.
 PYCACHE = "/var/cache/reloader-pyc"
 WRAPPER = f"""#!/bin/sh
-PYTHONPATH=/src PYTHONPYCACHEPREFIX={PYCACHE} exec /usr/bin/python3 -m reloader "$@"
+PYTHONPATH=/src exec /usr/bin/python3 -X pycache_prefix={PYCACHE} -m reloader "$@"
 """
 
 
