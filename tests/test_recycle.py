@@ -109,9 +109,17 @@ def test_recycle_replaces_every_worker_surge_first_and_memory_hogs_the_same_way(
     assert min(samples) >= 4, ("fewer than 4 ready workers during the recycle", samples)
     assert max(samples) <= 6, ("more than workers + surge (+1 retiring)", samples)
     assert_no_failures(during)
-    p99_steady, p99_during = steady["latency_ms"]["p99"], during["latency_ms"]["p99"]
-    print(f"p99 steady {p99_steady} ms, during the recycle {p99_during} ms "
-          f"({p99_during / p99_steady:.2f}x); {len(samples)} samples, min {min(samples)} ready")
+    # The steady state again, after (A-B-A): the suite's other containers share these 2 cores, and their
+    # load drifts over the recycle's 15 s; the baseline is the mean of the p99 before and after.
+    load = app.start_load(concurrency=4, long=1, long_path="/slow?s=1")
+    time.sleep(8)
+    steady_after = app.stop_load(load)
+    assert_no_failures(steady_after)
+    p99_steady = (steady["latency_ms"]["p99"] + steady_after["latency_ms"]["p99"]) / 2
+    p99_during = during["latency_ms"]["p99"]
+    print(f"p99 steady {steady['latency_ms']['p99']} ms before, {steady_after['latency_ms']['p99']} ms after, "
+          f"during the recycle {p99_during} ms ({p99_during / p99_steady:.2f}x); {len(samples)} samples, "
+          f"min {min(samples)} ready")
     assert p99_during <= 1.5 * p99_steady, (p99_steady, p99_during)
 
     status = json.loads(app.c.run(["reloader", "status", "flaskapp", "--json"]).stdout)
