@@ -53,6 +53,17 @@ _FS_EVENTS: dict[str, tuple[tuple[int, ...], int | None]] = {
 _recording: list[str] | None = None
 
 
+def two_releases(root: Path) -> tuple[Path, str, str]:
+    """A release tree under *root*/srv: releases 1 and 2, a virtualenv directory, ``current`` -> 2.
+    Returns (srv, release 1, release 2)."""
+    srv = root / "srv"
+    for release in ("1", "2"):
+        (srv / "releases" / release).mkdir(parents=True)
+    (srv / "venv").mkdir()
+    (srv / "current").symlink_to(srv / "releases" / "2")
+    return srv, str(srv / "releases" / "1"), str(srv / "releases" / "2")
+
+
 def _absolute(path: Any, dir_fd: Any) -> str:
     """*path* as an absolute path (shutil.rmtree, for one, removes names relative to a directory's fd)."""
     path = os.fsdecode(path)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from configbed import cfg
-from fakes import DBusError, FakeNotifier, FakeSystemd, ProcessTable, in_tmp, preflight_that
+from fakes import DBusError, FakeNotifier, FakeSystemd, ProcessTable, in_tmp, preflight_that, two_releases
 
 from reloader import releases, swap
 from reloader.config import AppConfig, parse
@@ -450,12 +450,7 @@ class FleetHost:
     """An app of two colours (or three rolling instances), every instance on release 1, deploying release 2."""
 
     def __init__(self, root: Path, strategy: str = "blue-green", analysis: dict | None = None, **reload: Any) -> None:
-        srv = root / "srv"
-        for release in ("1", "2"):
-            (srv / "releases" / release).mkdir(parents=True)
-        (srv / "venv").mkdir()
-        (srv / "current").symlink_to(srv / "releases" / "2")
-        self.old_release, self.new_release = str(srv / "releases" / "1"), str(srv / "releases" / "2")
+        srv, self.old_release, self.new_release = two_releases(root)
         self.app = in_tmp(parse(cfg(
             {"working_directory": str(srv / "current"), "virtualenv": str(srv / "venv")},
             gunicorn={"workers": 2}, reload={"strategy": strategy, "bake_seconds": 0, "ready_timeout": 10,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from configbed import cfg
-from fakes import FakeNotifier, FakeSystemd, ProcessTable, in_tmp, preflight_that
+from fakes import FakeNotifier, FakeSystemd, ProcessTable, in_tmp, preflight_that, two_releases
 
 from reloader import releases, traffic
 from reloader.config import AppConfig, parse
@@ -29,12 +29,7 @@ class Host:
     ``deploy(kind)`` ships release 2 answering as *kind* ("good", "bad", "slow") and deploys it."""
 
     def __init__(self, root: Path, strategy: str = "blue-green", **analysis: Any) -> None:
-        srv = root / "srv"
-        for release in ("1", "2"):
-            (srv / "releases" / release).mkdir(parents=True)
-        (srv / "venv").mkdir()
-        (srv / "current").symlink_to(srv / "releases" / "2")
-        self.old_release, self.new_release = str(srv / "releases" / "1"), str(srv / "releases" / "2")
+        srv, self.old_release, self.new_release = two_releases(root)
         self.app: AppConfig = in_tmp(parse(cfg(
             {"working_directory": str(srv / "current"), "virtualenv": str(srv / "venv")},
             gunicorn={"workers": 2}, reload={"strategy": strategy, "bake_seconds": 0.4, "ready_timeout": 10},
