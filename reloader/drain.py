@@ -27,7 +27,6 @@ file next to the gunicorn config, which loads it with runpy in the masters and w
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .config import AppConfig
 
 #: The flag the helper writes in the retiring master's ready directory.
@@ -112,6 +113,8 @@ class _WorkerDrain:
     def wrap(self, app: Callable[..., Any]) -> Callable[..., Any]:
         async def counted(scope: dict, receive: Callable[..., Any], send: Callable[..., Any]) -> Any:
             if self.loop is None:
+                import asyncio  # here, in the worker: the helper imports this module too and needs none of it
+
                 self.loop = asyncio.get_running_loop()
             if scope.get("type") == "lifespan":
                 return await app(scope, receive, send)
